@@ -1,0 +1,436 @@
+"""Typed configuration: one dataclass per concern, named flavors, YAML overlays, dotted CLI overrides.
+
+A run config is built in three layers, each overriding the previous one:
+
+1. the dataclass defaults (which run the tiny CPU model) or a named model flavor (``model.flavor``);
+2. YAML files in ``configs/`` (nested mappings with the same keys as the dataclasses);
+3. dotted command-line overrides such as ``--optim.lr 3e-4``.
+
+Unknown keys are refused with the closest valid name, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message says how."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DVAEModelConfig:
+    """Shape of the discrete VAE; defaults are the ``tiny`` flavor. ``openai`` is exactly [C]."""
+
+    flavor: str = "tiny"  # name of the preset this config started from (informational once built)
+    image_size: int = 64  # input side in pixels; the paper uses 256 [P §2.1]
+    input_channels: int = 3  # RGB
+    group_count: int = 4  # resolution groups; 3 max-pools → image_size / 8 token grid [C]
+    n_hid: int = 16  # encoder width of group 1 (doubles per group); openai: 256 [C]
+    n_blk_per_group: int = 1  # resblocks per group; openai: 2 [C]
+    n_init: int = 32  # decoder width after the 8192→n_init codebook conv; openai: 128 [C]
+    vocab_size: int = 512  # number of codes; the paper uses 8192 [P §2.1]
+
+    @property
+    def grid(self) -> int:
+        """Side of the token grid: one max-pool between consecutive groups."""
+        return self.image_size // 2 ** (self.group_count - 1)
+
+    def validate(self) -> None:
+        if self.group_count < 1 or self.n_blk_per_group < 1:
+            raise ConfigError("model.group_count and model.n_blk_per_group must be >= 1")
+        if self.n_hid % 4 or self.n_init < 1 or self.vocab_size < 2:
+            raise ConfigError("model.n_hid must be a multiple of 4; model.n_init >= 1; model.vocab_size >= 2")
+        if self.image_size % 2 ** (self.group_count - 1):
+            raise ConfigError(
+                f"model.image_size={self.image_size} is not divisible by 2**(group_count-1)="
+                f"{2 ** (self.group_count - 1)}; pick a multiple, e.g. {2 ** (self.group_count - 1) * 8}"
+            )
+
+
+DVAE_FLAVORS: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=64, group_count=4, n_hid=16, n_blk_per_group=1, n_init=32, vocab_size=512),
+    "openai": dict(image_size=256, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128, vocab_size=8192),
+}
+
+
+@dataclass
+class PriorModelConfig:
+    """Shape of the sparse-transformer prior; defaults are the ``tiny`` flavor.
+
+    Layout choices where the paper is silent [P §2.2, Fig. 10] are documented in docs/prior.md.
+    """
+
+    flavor: str = "tiny"
+    n_layers: int = 4  # attention layers; each has an attention and an MLP resblock [P B.1]
+    d_model: int = 64  # residual width; 12B: 62 heads × 64 = 3968 [P B.1]
+    n_heads: int = 4  # attention heads; head dim = d_model / n_heads
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio · d_model [P Table 2]
+    text_len: int = 32  # text positions, start tokens included; paper: 256 [P §2.2]
+    text_vocab: int = 512  # BPE vocabulary; paper: 16,384 [P §2.2]; id text_pad_id is padding
+    text_pad_id: int = 0  # caption id that means "no token here": the per-position pad embedding is used
+    grid: int = 8  # image token grid side; paper: 32 [P §2.2]
+    image_vocab: int = 512  # dVAE codes; paper: 8192
+    conv_kernel: int = 11  # side of the conv mask neighbourhood in the last layer [P B.1]
+    use_bos: bool = True  # learned start-of-text token in text slot 0 (Sparse Transformer default)
+    use_soi: bool = True  # learned start-of-image token in the last text slot [P §2.2]
+    activation: str = "gelu"  # "gelu" (exact) or "fast_gelu" (x·sigmoid(1.702x), blocksparse)
+    ln_eps: float = 1e-5  # LayerNorm epsilon (blocksparse default)
+    init_std: float = 0.02  # N(0, init_std) for weight matrices and token embeddings
+    pos_init_std: float = 0.01  # position / row / column / pad embeddings
+    resid_init: str = "sqrt_2n"  # output-projection scale: "sqrt_2n" (1/√(2N), Child et al. §5.2) | "none"
+    text_loss_weight: float = 1 / 8  # [P §2.2]
+    image_loss_weight: float = 7 / 8  # [P §2.2]
+    attn_backend: str = "sdpa"  # attention kernel: "sdpa" (dense boolean mask); FlexAttention seam later
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def image_len(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def caption_len(self) -> int:
+        """Caption tokens that fit: the text slots less the start tokens."""
+        return self.text_len - int(self.use_bos) - int(self.use_soi)
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"e.g. n_heads={max(1, self.d_model // 64)} gives head dim 64"
+            )
+        if self.n_layers < 1 or self.grid < 1 or self.text_len < 1:
+            raise ConfigError("model.n_layers, model.grid and model.text_len must be >= 1")
+        if self.caption_len < 1:
+            raise ConfigError(
+                f"model.text_len={self.text_len} leaves no room for caption tokens after the start tokens "
+                f"(use_bos={self.use_bos}, use_soi={self.use_soi}); raise model.text_len"
+            )
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ConfigError(f"model.conv_kernel={self.conv_kernel} must be a positive odd number (paper: 11)")
+        if self.activation not in ("gelu", "fast_gelu"):
+            raise ConfigError(f"model.activation={self.activation!r}: choose 'gelu' or 'fast_gelu'")
+        if self.resid_init not in ("sqrt_2n", "none"):
+            raise ConfigError(f"model.resid_init={self.resid_init!r}: choose 'sqrt_2n' or 'none'")
+        if self.attn_backend not in ("sdpa",):
+            raise ConfigError(f"model.attn_backend={self.attn_backend!r}: only 'sdpa' is available")
+        if not 0 <= self.text_pad_id < self.text_vocab:
+            raise ConfigError(f"model.text_pad_id={self.text_pad_id} must lie in [0, text_vocab={self.text_vocab})")
+
+
+def _paper_prior(d_model: int) -> dict[str, Any]:
+    """A Table 1 configuration: 64 layers, head dim 64, full sequence and vocabularies [P B.1, Table 1]."""
+    return dict(
+        n_layers=64, d_model=d_model, n_heads=d_model // 64, text_len=256, text_vocab=16384, grid=32, image_vocab=8192
+    )
+
+
+PRIOR_FLAVORS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layers=4, d_model=64, n_heads=4, text_len=32, text_vocab=512, grid=8, image_vocab=512),
+    # One GPU: 16 layers × 768 wide at the paper's sequence and vocabularies (≈113M effective).
+    "small": dict(n_layers=16, d_model=768, n_heads=12, text_len=256, text_vocab=16384, grid=32, image_vocab=8192),
+    # 12·64·1280² = 1.26e9: the 64-layer width closest to 1.3B with head dim 64.
+    "1.3B": _paper_prior(1280),
+    "2.8B": _paper_prior(1920),
+    "5.6B": _paper_prior(2688),
+    "12B": _paper_prior(3968),  # 62 heads × 64 [P B.1]
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimization, schedules, data, training loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DVAEOptimConfig:
+    """AdamW and the three cosine schedules of [P A.2]; lengths scale with ``schedule_scale``."""
+
+    lr: float = 1e-4  # peak step size [P A.2]
+    lr_final: float = 1.25e-6  # [P A.2]
+    lr_steps: int = 1_200_000  # cosine length [P A.2]; held at lr_final after
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    kl_weight: float = 6.6  # β after the ramp [P A.2]
+    kl_warmup_steps: int = 5_000  # β cosine 0 → kl_weight [P A.2]
+    temp_start: float = 1.0  # τ cosine 1 → 1/16 [P A.2]
+    temp_final: float = 1 / 16
+    temp_steps: int = 150_000
+    schedule_scale: float = 1.0  # multiplies lr_steps, kl_warmup_steps and temp_steps (short runs)
+    ema_decay: float = 0.999  # iterate averaging [P A.2]
+    ema_every: int = 1  # EMA update period in steps
+    grad_clip: float = 0.0  # global-norm clip; 0 disables (the paper names none for the dVAE)
+
+
+@dataclass
+class PriorOptimConfig:
+    """AdamW with warmup then halving on plateau [P B.2]."""
+
+    lr: float = 4.5e-4
+    warmup_steps: int = 5_000  # linear warmup [P B.2]
+    betas: tuple[float, float] = (0.9, 0.96)
+    eps: float = 1e-8
+    weight_decay: float = 4.5e-2
+    grad_clip: float = 4.0  # global norm [P B.2]
+    max_halvings: int = 5  # LR halved on plateau at most this many times [P B.2]
+    plateau_patience: int = 2_000  # steps without a new best smoothed loss before halving
+    plateau_smoothing: float = 0.99  # EMA factor of the loss tracked for plateaus
+    plateau_min_delta: float = 1e-3  # relative improvement that counts as progress
+    ema_decay: float = 0.99  # [P B.2]
+    ema_every: int = 25  # [P B.2]
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. Shard pipelines arrive with the data issue."""
+
+    source: str = "random"  # "random" (synthetic tensors) or "folder" (image + same-stem .txt caption files)
+    path: str = ""  # folder for source=folder
+    batch_size: int = 8
+    num_workers: int = 0
+    dvae_checkpoint: str = ""  # prior on a folder: dVAE checkpoint whose encoder's argmax codes are the image tokens
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, logging, checkpoints, device."""
+
+    steps: int = 100
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class DVAERunConfig:
+    model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
+    optim: DVAEOptimConfig = field(default_factory=DVAEOptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        _validate_common(self.data, self.train)
+
+
+@dataclass
+class PriorRunConfig:
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    optim: PriorOptimConfig = field(default_factory=PriorOptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        _validate_common(self.data, self.train)
+        if self.data.source == "folder" and not self.data.dvae_checkpoint:
+            raise ConfigError(
+                "data.source=folder for the prior needs a trained dVAE to turn images into tokens: "
+                "pass --data.dvae_checkpoint runs/dvae/checkpoint.pt"
+            )
+
+
+def _validate_common(data: DataConfig, train: TrainConfig) -> None:
+    if data.source not in ("random", "folder"):
+        raise ConfigError(f"data.source={data.source!r}: choose 'random' or 'folder'")
+    if data.source == "folder" and not data.path:
+        raise ConfigError("data.source=folder needs --data.path DIR (images with same-stem .txt captions)")
+    if data.batch_size < 1 or train.steps < 0:
+        raise ConfigError("data.batch_size must be >= 1 and train.steps >= 0")
+    if train.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device={train.device!r}: choose 'auto', 'cpu' or 'cuda'")
+
+
+RUN_CONFIGS: dict[str, type] = {"dvae": DVAERunConfig, "prior": PriorRunConfig}
+FLAVORS: dict[str, dict[str, dict[str, Any]]] = {"dvae": DVAE_FLAVORS, "prior": PRIOR_FLAVORS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building configs from flavors, YAML and dotted overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def model_config(stage: str, flavor: str) -> DVAEModelConfig | PriorModelConfig:
+    """The model config of a named flavor, e.g. ``model_config("prior", "12B")``."""
+    presets = FLAVORS[stage]
+    if flavor not in presets:
+        raise ConfigError(f"unknown {stage} flavor {flavor!r}{_suggest(flavor, presets)}; choose one of {list(presets)}")
+    cls = DVAEModelConfig if stage == "dvae" else PriorModelConfig
+    return cls(flavor=flavor, **presets[flavor])
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    """Turn a YAML value or a CLI string into the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{dotted} expects {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, dotted) for v, a in zip(value, args))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            result = float(value)
+            if not math.isfinite(result):
+                raise ValueError(value)
+            return result
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{dotted}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _set_dotted(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        if not is_dataclass(node):
+            raise ConfigError(f"{'.'.join(parts[:depth])} is a value, not a section; cannot set {dotted}")
+        hints = typing.get_type_hints(type(node))
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            here = ".".join(parts[:depth])
+            valid = [f"{here}.{n}" if here else n for n in names]
+            guess = ".".join(parts[: depth + 1])
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(guess, valid)}; valid keys here: {valid}")
+        if depth == len(parts) - 1:
+            if is_dataclass(getattr(node, part)):
+                raise ConfigError(f"{dotted} is a section; set one of its keys, e.g. {dotted}.<key>")
+            setattr(node, part, _coerce(value, hints[part], dotted))
+        else:
+            node = getattr(node, part)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, optim:, ...)")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """``["--optim.lr", "3e-4", "--train.steps=5"]`` → ``{"optim.lr": "3e-4", "train.steps": "5"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"cannot read argument {arg!r}: overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg} has no value")
+            i += 1
+            value = argv[i]
+        out[key] = value
+        i += 1
+    return out
+
+
+def build_config(
+    stage: str,
+    yaml_paths: typing.Sequence[str | Path] = (),
+    overrides: dict[str, Any] | None = None,
+) -> DVAERunConfig | PriorRunConfig:
+    """Defaults → ``model.flavor`` preset → YAML overlays → dotted overrides; then validate."""
+    if stage not in RUN_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {list(RUN_CONFIGS)}")
+    layers = [_flatten(load_yaml(p)) for p in yaml_paths] + [dict(overrides or {})]
+    flat: dict[str, Any] = {}
+    for layer in layers:
+        flat.update(layer)
+    cfg = RUN_CONFIGS[stage]()
+    flavor = flat.pop("model.flavor", None)
+    if flavor is not None:
+        cfg.model = model_config(stage, str(flavor))
+    for dotted, value in flat.items():
+        _set_dotted(cfg, dotted, value)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON output and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(stage: str, tree: dict[str, Any]) -> DVAERunConfig | PriorRunConfig:
+    """Rebuild a run config saved with :func:`to_dict` (checkpoints, exports)."""
+    cfg = RUN_CONFIGS[stage]()
+    for dotted, value in _flatten(tree).items():
+        _set_dotted(cfg, dotted, value)
+    cfg.validate()
+    return cfg
