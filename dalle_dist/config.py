@@ -280,7 +280,9 @@ def model_config(stage: str, flavor: str) -> DVAEModelConfig | PriorModelConfig:
     """The model config of a named flavor, e.g. ``model_config("prior", "12B")``."""
     presets = FLAVORS[stage]
     if flavor not in presets:
-        raise ConfigError(f"unknown {stage} flavor {flavor!r}{_suggest(flavor, presets)}; choose one of {list(presets)}")
+        raise ConfigError(
+            f"unknown {stage} flavor {flavor!r}{_suggest(flavor, presets)}; choose one of {list(presets)}"
+        )
     cls = DVAEModelConfig if stage == "dvae" else PriorModelConfig
     return cls(flavor=flavor, **presets[flavor])
 
