@@ -17,6 +17,8 @@ setup(
         "pillow",
         "safetensors",
         "matplotlib",
+        "webdataset",
+        "tokenizers",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["dalle-dist=dalle_dist.cli:main"]},

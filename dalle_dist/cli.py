@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["dvae", "prior"], required=True)
     _add_config_args(p)
     p.set_defaults(run=_cmd_config)
+
+    from .data.commands import register as register_data_commands
+
+    register_data_commands(sub)
     return parser
 
 

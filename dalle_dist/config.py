@@ -203,10 +203,15 @@ class PriorOptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where batches come from. Shard pipelines arrive with the data issue."""
+    """Where batches come from and how they are prepared [P §2.2, §2.3, App. C; Listings 1-2]."""
 
-    source: str = "random"  # "random" (synthetic tensors) or "folder" (image + same-stem .txt caption files)
+    source: str = (
+        "random"  # "random" | "folder" (NAME.jpg + NAME.txt) | "shards" (webdataset) | "tokens" (pretokenized)
+    )
     path: str = ""  # folder for source=folder
+    shards: str = ""  # shard paths for source=shards/tokens: brace pattern(s), comma-separated, e.g. d/{000..009}.tar
+    tokenizer: str = ""  # HF tokenizers BPE JSON (dalle-dist tokenizer train); empty: the byte-level stand-in
+    bpe_dropout: float = 0.1  # BPE dropout while training the prior [P §2.2 fn 5]; never at eval
     batch_size: int = 8
     num_workers: int = 0
     dvae_checkpoint: str = ""  # prior on a folder: dVAE checkpoint whose encoder's argmax codes are the image tokens
@@ -228,11 +233,38 @@ class TrainConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """Numerics policy [P §2.4, App. D]: storage dtype, per-resblock gradient scaling, activation checkpointing."""
+
+    dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": dtype of the weight matrices and activations
+    grad_scaling: str = "per_resblock"  # "per_resblock" (used with fp16) | "none"; bf16/fp32 need none
+    init_scale_log2: float = 13.0  # initial scale M·2^13 (M = data-parallel replicas) [P D.1]
+    min_scale_log2: float = 7.0  # clamp to [M·2^7, M·2^24] [P D.1]
+    max_scale_log2: float = 24.0
+    growth_log2: float = 1e-3  # ×2^(1/1000) per update with finite gradients [P D.1]
+    backoff: float = 2**0.5  # ÷√2 on a nonfinite gradient [P D.1]
+    backoff_window: int = 125  # no two divisions of the same scale within this many updates [P D.1]
+    activation_checkpointing: bool = False  # recompute resblock activations in the backward pass [P §2.4]
+
+
+@dataclass
+class CommConfig:
+    """Gradient reduction across data-parallel replicas [P §2.5, App. E]."""
+
+    replica_reduce: str = "allreduce"  # "allreduce" | "powersgd"
+    powersgd_rank: int = 0  # total rank r; 0: use powersgd_rank_fraction
+    powersgd_rank_fraction: float = 896 / 3968  # r as a fraction of d_model (12B: 896 [P Table 1])
+    powersgd_eps: float = 1e-6  # ε·I added before Householder orthogonalization [P E.2(5)]
+    powersgd_seed: int = 0  # seed of the fixed Gaussian Q [P §2.5 fn 10]
+
+
+@dataclass
 class DVAERunConfig:
     model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
     optim: DVAEOptimConfig = field(default_factory=DVAEOptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -245,6 +277,8 @@ class PriorRunConfig:
     optim: PriorOptimConfig = field(default_factory=PriorOptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
     def validate(self) -> None:
         self.model.validate()
