@@ -237,7 +237,7 @@ class PrecisionConfig:
     """Numerics policy [P §2.4, App. D]: storage dtype, per-resblock gradient scaling, activation checkpointing."""
 
     dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": dtype of the weight matrices and activations
-    grad_scaling: str = "per_resblock"  # "per_resblock" (used with fp16) | "none"; bf16/fp32 need none
+    grad_scaling: str = "per_resblock"  # "per_resblock" | "none"; only fp16 scales (dVAE: one global scale [P A.2])
     init_scale_log2: float = 13.0  # initial scale M·2^13 (M = data-parallel replicas) [P D.1]
     min_scale_log2: float = 7.0  # clamp to [M·2^7, M·2^24] [P D.1]
     max_scale_log2: float = 24.0
@@ -245,6 +245,23 @@ class PrecisionConfig:
     backoff: float = 2**0.5  # ÷√2 on a nonfinite gradient [P D.1]
     backoff_window: int = 125  # no two divisions of the same scale within this many updates [P D.1]
     activation_checkpointing: bool = False  # recompute resblock activations in the backward pass [P §2.4]
+    master_weights: bool = False  # fp32 master copy of 16-bit weights in the optimizer; paper: none (spec §3)
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision.dtype={self.dtype!r}: choose 'fp32', 'fp16' or 'bf16'")
+        if self.grad_scaling not in ("per_resblock", "none"):
+            raise ConfigError(f"precision.grad_scaling={self.grad_scaling!r}: choose 'per_resblock' or 'none'")
+        if not self.min_scale_log2 <= self.init_scale_log2 <= self.max_scale_log2:
+            raise ConfigError(
+                f"precision scales need min_scale_log2 <= init_scale_log2 <= max_scale_log2; got "
+                f"{self.min_scale_log2} <= {self.init_scale_log2} <= {self.max_scale_log2} (paper: 7 <= 13 <= 24)"
+            )
+        if self.growth_log2 < 0 or self.backoff <= 1 or self.backoff_window < 0:
+            raise ConfigError(
+                f"precision needs growth_log2 >= 0, backoff > 1, backoff_window >= 0; got {self.growth_log2}, "
+                f"{self.backoff}, {self.backoff_window} (paper: 1e-3, √2, 125)"
+            )
 
 
 @dataclass
@@ -256,6 +273,17 @@ class CommConfig:
     powersgd_rank_fraction: float = 896 / 3968  # r as a fraction of d_model (12B: 896 [P Table 1])
     powersgd_eps: float = 1e-6  # ε·I added before Householder orthogonalization [P E.2(5)]
     powersgd_seed: int = 0  # seed of the fixed Gaussian Q [P §2.5 fn 10]
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout for ``launch/run.py`` under torchrun (see docs/distributed.md)."""
+
+    topology: str = "pp=1,replicate=1,shard=1"  # pp × replicate × shard must equal the world size
+    n_microbatches: int = 1  # pipeline microbatches per step (pp > 1); must divide the per-rank batch
+    schedule: str = "1f1b"  # "1f1b" | "interleaved1f1b" | "gpipe"
+    virtual_stages: int = 1  # stages per pp rank (interleaved1f1b)
+    backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "gloo" | "nccl"
 
 
 @dataclass
@@ -279,6 +307,7 @@ class PriorRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.model.validate()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,40 @@ def compute_loss(
     return loss, metrics
 
 
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+@torch.no_grad()
+def init_prior_parameters(named_params: Iterable[tuple[str, nn.Parameter]], cfg: PriorModelConfig, seed: int) -> None:
+    """Initialise prior parameters by name (full-model names: ``embed.*``, ``resblocks.K.*``, ``head.*``).
+
+    Weight matrices and token embeddings N(0, init_std); ``out_proj`` and ``fc2`` weights also × 1/√(2·n_layers)
+    when resid_init == "sqrt_2n" (Child et al. 2019 §5.2); Linear biases 0; LayerNorm gain 1, bias 0; position,
+    row, column, pad and start embeddings N(0, pos_init_std).
+    """
+    resid_scale = 1 / math.sqrt(2 * cfg.n_layers) if cfg.resid_init == "sqrt_2n" else 1.0
+    for name, p in named_params:
+        if p.is_meta:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = ".ln." in f".{name}" or ".ln_f." in f".{name}"
+        if is_norm:
+            p.fill_(1.0 if leaf == "weight" else 0.0)
+            continue
+        if leaf == "bias":
+            p.zero_()
+            continue
+        if name.startswith("embed.") and not name.endswith("_tok.weight"):
+            std = cfg.pos_init_std  # text_pos, text_pad, bos, soi, row, col
+        else:
+            std = cfg.init_std
+            if name.endswith(("out_proj.weight", "fc2.weight")):
+                std *= resid_scale
+        g = torch.Generator(device=p.device).manual_seed(_param_seed(seed, name))
+        p.normal_(0.0, std, generator=g)
+
+
 class DallePrior(nn.Module):
     """Text-to-image-token transformer: ``embed`` → ``resblocks`` → ``head`` [P §2.2, B.1]."""
 
@@ -177,6 +213,9 @@ class DallePrior(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        # Drawn before any submodule exists, so the weights depend on torch's RNG state at construction only —
+        # not on the device (meta or real) the submodules are built on.
+        self.init_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         self.embed = PriorEmbedding(cfg)
         self.resblocks = nn.ModuleDict()
         for layer, kind in enumerate(layer_kinds(cfg.n_layers)):
@@ -186,31 +225,19 @@ class DallePrior(nn.Module):
         self.head = PriorHead(cfg)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Sparse-Transformer-style init (the paper gives none for DALL-E; see docs/prior.md).
 
-        Weight matrices and token embeddings N(0, init_std); out_proj and fc2 also × 1/√(2·n_layers) when
-        resid_init == "sqrt_2n" (Child et al. 2019 §5.2); biases 0; LayerNorm gain 1, bias 0; position, row,
-        column, pad and start embeddings N(0, pos_init_std). Runs on meta tensors (a no-op there) and again after
+        Every parameter is drawn from its own generator seeded by (seed, parameter name), so a pipeline stage or a
+        parameter shard that initialises only its own parameters gets exactly the values the whole model would:
+        runs on any topology start from the same weights. ``seed`` None uses the seed drawn at construction, so
+        ``torch.manual_seed`` before construction still decides. A no-op on meta tensors; call again after
         ``to_empty``.
         """
-        cfg = self.cfg
-        resid_scale = 1 / math.sqrt(2 * cfg.n_layers) if cfg.resid_init == "sqrt_2n" else 1.0
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scaled = name.endswith(("out_proj", "fc2"))
-                nn.init.normal_(module.weight, 0.0, cfg.init_std * (resid_scale if scaled else 1.0))
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, cfg.init_std)
-        e = self.embed
-        for p in (e.text_pos, e.text_pad, e.bos, e.soi, e.row, e.col):
-            if p is not None:
-                nn.init.normal_(p, 0.0, cfg.pos_init_std)
+        if seed is None:
+            seed = self.init_seed
+        self.init_seed = seed
+        init_prior_parameters(self.named_parameters(), self.cfg, seed)
 
     def forward(self, text: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
         """text (B, caption_len), image (B, n) → text logits (B, text_len-1, V_txt), image logits (B, m, V_img).

@@ -1,0 +1,265 @@
+"""The prior's distributed trainer: pipeline stages × FSDP2 shards × replicas on one DeviceMesh.
+
+Composition order (each step applied from outside to a single-device model, as torchtitan does):
+
+1. build the whole prior on the meta device (no memory), drawing its init seed from ``train.seed``;
+2. cut this pp rank's stage modules out of it (``parallel/pipeline.py``), materialise them and initialise by
+   parameter name, so every topology starts from the single-process weights;
+3. FSDP2 ``fully_shard`` per resblock, then per stage, on the ``shard`` mesh dim [P Fig. 5];
+4. wrap the stages in ``PipelineStage`` objects and a schedule when pp > 1;
+5. after backward: reduce the gradient shards over the ``replicate`` dim (plain all-reduce here), global-norm
+   clip over all stages and shards, AdamW.
+
+The loss of every microbatch is normalised by the global batch's token counts and multiplied by the
+data-parallel degree, so the averaging reductions (FSDP's reduce-scatter, the replica all-reduce) produce
+exactly the gradient of the single-process loss: runs on any topology agree with one process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config import ConfigError, PriorRunConfig
+from ..data.random_batches import random_tokens
+from ..models.prior import IGNORE_INDEX, DallePrior, init_prior_parameters
+from ..parallel.pipeline import SCHEDULES, build_schedule, build_stage_modules, make_loss_fn, pack_targets
+from ..parallel.topology import Topology, build_mesh
+from .schedules import PlateauHalvingLR
+from .trainer import decay_groups
+
+
+def validate_parallel(cfg: PriorRunConfig, world_size: int | None = None) -> Topology:
+    """Every check that can fail without a process group, with the fix in the message."""
+    par = cfg.parallel
+    topo = Topology.parse(par.topology)
+    if world_size is not None:
+        topo.check(world_size)
+    if par.schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.schedule={par.schedule!r}: choose one of {list(SCHEDULES)}")
+    if par.virtual_stages < 1 or (par.virtual_stages > 1 and par.schedule != "interleaved1f1b"):
+        raise ConfigError("parallel.virtual_stages > 1 needs parallel.schedule=interleaved1f1b")
+    n_chunks = topo.pp * par.virtual_stages
+    n_blocks = 2 * cfg.model.n_layers
+    if n_chunks > n_blocks:
+        raise ConfigError(
+            f"pp={topo.pp} × virtual_stages={par.virtual_stages} = {n_chunks} stages but the model has only "
+            f"{n_blocks} resblocks; lower parallel.topology pp or parallel.virtual_stages"
+        )
+    batch = cfg.data.batch_size
+    if batch % topo.dp_size:
+        raise ConfigError(
+            f"data.batch_size={batch} is the global batch and must divide evenly over replicate × shard = "
+            f"{topo.dp_size} data-parallel ranks; e.g. --data.batch_size {topo.dp_size * max(1, batch // topo.dp_size)}"
+        )
+    local = batch // topo.dp_size
+    if topo.pp > 1 and local % par.n_microbatches:
+        raise ConfigError(
+            f"the per-rank batch {local} (data.batch_size / dp) does not split into parallel.n_microbatches="
+            f"{par.n_microbatches}; pick a divisor of {local}"
+        )
+    if topo.pp > 1 and par.schedule == "1f1b" and par.n_microbatches < topo.pp:
+        raise ConfigError(f"1F1B needs parallel.n_microbatches >= pp ({topo.pp}) to fill the pipeline")
+    if cfg.data.source not in ("random",):
+        raise ConfigError(f"the distributed prior trainer reads data.source=random for now, not {cfg.data.source!r}")
+    return topo
+
+
+def init_distributed(backend: str = "auto") -> torch.device:
+    """Join the torchrun job (env:// rendezvous) and pick this rank's device."""
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class DistributedPriorTrainer:
+    """Prior training on a (pp, replicate, shard) mesh. ``build()`` then ``step()``; rank 0 reports."""
+
+    def __init__(self, cfg: PriorRunConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.topology = validate_parallel(cfg)
+        o = cfg.optim
+        self.schedule = PlateauHalvingLR(
+            o.lr, o.warmup_steps, o.max_halvings, o.plateau_patience, o.plateau_smoothing, o.plateau_min_delta
+        )
+        self.step_num = 0
+
+    # ---- build ----------------------------------------------------------------------------------
+
+    def build(self) -> DistributedPriorTrainer:
+        cfg, par = self.cfg, self.cfg.parallel
+        self.device = init_distributed(par.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.topology.check(self.world)
+        self.mesh = build_mesh(self.topology, self.device.type)
+        self.pp_rank, self.rep_rank, self.shard_rank = self.topology.coords(self.rank)
+        self.dp_rank = self.topology.dp_rank(self.rank)
+
+        torch.manual_seed(cfg.train.seed)
+        with torch.device("meta"):
+            self.meta_model = DallePrior(cfg.model)
+        self.stages, self.stage_ids = build_stage_modules(
+            self.meta_model, self.pp_rank, self.topology.pp, par.virtual_stages
+        )
+        for stage in self.stages:
+            stage.to_empty(device=self.device)
+            init_prior_parameters(stage.named_parameters(), cfg.model, self.meta_model.init_seed)
+        if self.topology.shard > 1:
+            self._apply_fsdp()
+        self.params = [p for stage in self.stages for p in stage.parameters()]
+        groups = [g for stage in self.stages for g in decay_groups(stage, cfg.optim.weight_decay)]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps
+        )
+        self.n_stages = self.topology.pp * par.virtual_stages
+        self._counts: tuple[Tensor, Tensor] | None = None
+        if self.topology.pp > 1:
+            self._build_pipeline()
+        return self
+
+    def _apply_fsdp(self) -> None:
+        """FSDP2 per resblock, then per stage, over the shard dim: all-gather ahead, reduce-scatter after [P Fig. 5]."""
+        from torch.distributed.fsdp import fully_shard
+
+        shard_mesh = self.mesh["shard"]
+        for stage in self.stages:
+            for block in stage.resblocks.values():
+                fully_shard(block, mesh=shard_mesh)
+            fully_shard(stage, mesh=shard_mesh)
+
+    def _build_pipeline(self) -> None:
+        from torch.distributed.pipelining import PipelineStage
+
+        group = self.mesh["pp"].get_group()
+        pipe = [
+            PipelineStage(stage, idx, self.n_stages, self.device, group=group)
+            for stage, idx in zip(self.stages, self.stage_ids)
+        ]
+        self.pipe_schedule = build_schedule(pipe, self.cfg.parallel.n_microbatches, self._loss, self.cfg.parallel.schedule)
+
+    def _loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+        assert self._counts is not None
+        n_text, n_image = self._counts
+        return make_loss_fn(self.cfg.model, n_text, n_image, scale=float(self.topology.dp_size))(output, target)
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def global_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The step's global batch; every rank draws it whole and keeps its data-parallel slice."""
+        data, m = self.cfg.data, self.cfg.model
+        return random_tokens(
+            data.batch_size, m.caption_len, m.text_vocab, m.image_len, m.image_vocab, data.seed, step
+        )
+
+    def local_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        text, image = self.global_batch(step)
+        per = self.cfg.data.batch_size // self.topology.dp_size
+        sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+        return text[sl].to(self.device), image[sl].to(self.device)
+
+    # ---- one update -----------------------------------------------------------------------------
+
+    def _local_grad(self, p: nn.Parameter) -> Tensor | None:
+        g = p.grad
+        if g is None:
+            return None
+        return g.to_local() if hasattr(g, "to_local") else g
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg, topo = self.cfg, self.topology
+        lr = self.schedule.lr_at(self.step_num)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        text, image = self.local_batch(self.step_num)
+        text_targets = self.meta_model.targets(text)  # uses the config only
+        counts = torch.stack([(text_targets != IGNORE_INDEX).sum(), torch.tensor(image.numel(), device=self.device)])
+        dist.all_reduce(counts)  # over the world: every pp stage counted its replica's slice once
+        counts = counts // topo.pp
+        self._counts = (counts[0].float(), counts[1].float())
+        target = pack_targets(text_targets, image)
+
+        for stage in self.stages:
+            stage.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = torch.zeros((), device=self.device)
+        if topo.pp == 1:
+            out = self.stages[0](text, image)
+            loss = self._loss(out, target)
+            loss.backward()
+            local_loss = loss.detach() / topo.dp_size
+        else:
+            losses: list[Tensor] = []
+            has_first = 0 in self.stage_ids
+            has_last = self.n_stages - 1 in self.stage_ids
+            args = (text, image) if has_first else ()
+            kwargs: dict[str, Any] = {"target": target, "losses": losses} if has_last else {}
+            self.pipe_schedule.step(*args, **kwargs)
+            if has_last:
+                local_loss = torch.stack([x.detach() for x in losses]).sum() / topo.dp_size
+
+        self._reduce_replicas()
+        grad_norm = self._clip_(cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.step_num += 1
+
+        loss_t = local_loss.reshape(1).clone()
+        dist.all_reduce(loss_t)  # only last-stage ranks hold a loss; their sum is the global-batch loss
+        loss_value = float(loss_t)
+        self.schedule.observe(self.step_num, loss_value)
+        return {
+            "step": self.step_num,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_seconds": time.perf_counter() - t0,
+        }
+
+    def _reduce_replicas(self) -> None:
+        """Average the gradient shards over the replicate dim (fp32 all-reduce)."""
+        if self.topology.replicate == 1:
+            return
+        group = self.mesh["replicate"].get_group()
+        grads = [g for g in (self._local_grad(p) for p in self.params) if g is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= self.topology.replicate
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+    def _clip_(self, max_norm: float) -> float:
+        """Global gradient norm over every stage and shard (replicas hold equal copies); clip in place."""
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        for p in self.params:
+            g = self._local_grad(p)
+            if g is not None:
+                sq += g.double().pow(2).sum()
+        sq = sq.reshape(1)
+        dist.all_reduce(sq)
+        norm = math.sqrt(float(sq) / self.topology.replicate)
+        coef = max_norm / (norm + 1e-6)  # the formula of torch.nn.utils.clip_grad_norm_
+        if max_norm > 0 and math.isfinite(norm) and coef < 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
