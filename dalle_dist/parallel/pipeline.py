@@ -109,16 +109,13 @@ def make_loss_fn(cfg: PriorModelConfig, n_text: Tensor, n_image: Tensor, scale: 
     return loss_fn
 
 
-def build_schedule(
-    stages: list[Any], n_microbatches: int, loss_fn: Callable | None, schedule: str = "1f1b"
-) -> Any:
+def build_schedule(stages: list[Any], n_microbatches: int, loss_fn: Callable | None, schedule: str = "1f1b") -> Any:
     """A torch.distributed.pipelining schedule over this rank's ``PipelineStage`` objects.
 
     Gradients are not rescaled by the number of microbatches (``scale_grads=False``): the loss of each
     microbatch is already normalised by the global token counts.
     """
-    from torch.distributed.pipelining import ScheduleGPipe, ScheduleInterleaved1F1B
-    from torch.distributed.pipelining import Schedule1F1B
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     if schedule == "1f1b":
         if len(stages) != 1:

@@ -121,9 +121,7 @@ class DistributedPriorTrainer:
             self._apply_fsdp()
         self.params = [p for stage in self.stages for p in stage.parameters()]
         groups = [g for stage in self.stages for g in decay_groups(stage, cfg.optim.weight_decay)]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps
-        )
+        self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.n_stages = self.topology.pp * par.virtual_stages
         self._counts: tuple[Tensor, Tensor] | None = None
         if self.topology.pp > 1:
@@ -148,7 +146,9 @@ class DistributedPriorTrainer:
             PipelineStage(stage, idx, self.n_stages, self.device, group=group)
             for stage, idx in zip(self.stages, self.stage_ids)
         ]
-        self.pipe_schedule = build_schedule(pipe, self.cfg.parallel.n_microbatches, self._loss, self.cfg.parallel.schedule)
+        self.pipe_schedule = build_schedule(
+            pipe, self.cfg.parallel.n_microbatches, self._loss, self.cfg.parallel.schedule
+        )
 
     def _loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
         assert self._counts is not None
@@ -160,9 +160,7 @@ class DistributedPriorTrainer:
     def global_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The step's global batch; every rank draws it whole and keeps its data-parallel slice."""
         data, m = self.cfg.data, self.cfg.model
-        return random_tokens(
-            data.batch_size, m.caption_len, m.text_vocab, m.image_len, m.image_vocab, data.seed, step
-        )
+        return random_tokens(data.batch_size, m.caption_len, m.text_vocab, m.image_len, m.image_vocab, data.seed, step)
 
     def local_batch(self, step: int) -> tuple[Tensor, Tensor]:
         text, image = self.global_batch(step)
