@@ -216,6 +216,14 @@ class DataConfig:
     num_workers: int = 0
     dvae_checkpoint: str = ""  # prior on a folder: dVAE checkpoint whose encoder's argmax codes are the image tokens
     seed: int = 0
+    # Shard sources (docs/data.md): within-shard shuffle and the filters of [P App. C].
+    shuffle_buffer: int = 1000  # seeded within-shard shuffle buffer in samples; 0 keeps the tar order
+    min_caption_words: int = 2  # captions with fewer words are skipped as caption_too_short [P App. C]
+    max_caption_chars: int = 4096  # longer "captions" (page text, junk) are skipped as caption_too_long
+    min_image_side: int = 0  # short side below this is skipped as image_too_small; 0: half the output side
+    max_image_pixels: int = 0  # w·h above this is skipped as decompression_bomb; 0: PIL.Image.MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = 2.0  # long/short side above this is skipped: ratios outside [1/2, 2] [P App. C]
+    filters: str = "dalle_dist.data.preprocess:boilerplate_filter"  # caption filters "module:function", comma-sep.
 
 
 @dataclass
@@ -228,7 +236,8 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
-    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    resume: bool = True  # continue from the latest complete checkpoint in out_dir when there is one
+    keep_checkpoints: int = 3  # distributed runs: complete checkpoints kept in out_dir/checkpoints (0 keeps all)
     progress: bool = True  # tqdm progress bar
 
 
@@ -273,6 +282,18 @@ class CommConfig:
     powersgd_rank_fraction: float = 896 / 3968  # r as a fraction of d_model (12B: 896 [P Table 1])
     powersgd_eps: float = 1e-6  # ε·I added before Householder orthogonalization [P E.2(5)]
     powersgd_seed: int = 0  # seed of the fixed Gaussian Q [P §2.5 fn 10]
+    powersgd_min_compression_rate: float = 1.0  # compress a matrix only if r·(m+n)·this < m·n (0: all matrices)
+
+    def validate(self) -> None:
+        if self.replica_reduce not in ("allreduce", "powersgd"):
+            raise ConfigError(f"comm.replica_reduce={self.replica_reduce!r}: choose 'allreduce' or 'powersgd'")
+        if self.powersgd_rank < 0 or (self.powersgd_rank == 0 and not 0 < self.powersgd_rank_fraction <= 1):
+            raise ConfigError(
+                f"comm.powersgd_rank={self.powersgd_rank} must be > 0, or 0 with 0 < comm.powersgd_rank_fraction "
+                f"<= 1 (got {self.powersgd_rank_fraction}); the 12B model uses 896 [P Table 1]"
+            )
+        if self.powersgd_eps < 0 or self.powersgd_min_compression_rate < 0:
+            raise ConfigError("comm.powersgd_eps and comm.powersgd_min_compression_rate must be >= 0")
 
 
 @dataclass
@@ -320,10 +341,25 @@ class PriorRunConfig:
 
 
 def _validate_common(data: DataConfig, train: TrainConfig) -> None:
-    if data.source not in ("random", "folder"):
-        raise ConfigError(f"data.source={data.source!r}: choose 'random' or 'folder'")
+    if data.source not in ("random", "folder", "shards", "tokens"):
+        raise ConfigError(f"data.source={data.source!r}: choose 'random', 'folder', 'shards' or 'tokens'")
     if data.source == "folder" and not data.path:
         raise ConfigError("data.source=folder needs --data.path DIR (images with same-stem .txt captions)")
+    if data.source in ("shards", "tokens") and not data.shards:
+        what = "image/caption shards (img2dataset layout)" if data.source == "shards" else "dalle-dist pretokenize output"
+        raise ConfigError(
+            f"data.source={data.source} needs --data.shards, e.g. 'data/{{000000..000009}}.tar' or a directory of "
+            f".tar files ({what})"
+        )
+    if data.num_workers < 0 or data.shuffle_buffer < 0 or data.min_caption_words < 0:
+        raise ConfigError("data.num_workers, data.shuffle_buffer and data.min_caption_words must be >= 0")
+    if data.min_image_side < 0 or data.max_image_pixels < 0 or data.max_caption_chars < 1:
+        raise ConfigError("data.min_image_side and data.max_image_pixels must be >= 0, data.max_caption_chars >= 1")
+    if not data.max_aspect_ratio >= 1:
+        raise ConfigError(f"data.max_aspect_ratio={data.max_aspect_ratio} must be >= 1 (the paper keeps [1/2, 2]: 2)")
+    for spec in (s.strip() for s in data.filters.split(",")):
+        if spec and not (":" in spec or "." in spec):
+            raise ConfigError(f"data.filters entry {spec!r} is not an import path like 'mypkg.filters:english_only'")
     if data.batch_size < 1 or train.steps < 0:
         raise ConfigError("data.batch_size must be >= 1 and train.steps >= 0")
     if train.device not in ("auto", "cpu", "cuda"):

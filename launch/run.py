@@ -13,7 +13,7 @@ an exception on any rank is recorded per rank by torchelastic (``@record``).
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dalle_dist.config import ConfigError, build_config, parse_overrides, to_dict  # noqa: E402
+from dalle_dist.config import ConfigError, build_config, parse_overrides  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.flavor:
             overrides["model.flavor"] = args.flavor
         cfg = build_config("prior", args.config, overrides)
-        import os
-
         from dalle_dist.train.distributed import DistributedPriorTrainer, validate_parallel
 
         validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -53,21 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     trainer = DistributedPriorTrainer(cfg).build()
-    out = Path(cfg.train.out_dir)
-    log = None
-    if trainer.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        log = open(out / "metrics.jsonl", "a")
     try:
-        while trainer.step_num < cfg.train.steps:
-            metrics = trainer.step()
-            if log is not None:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+        trainer.fit()  # resumes from the latest complete checkpoint in train.out_dir
     finally:
-        if log is not None:
-            log.close()
         trainer.close()
     return 0
 

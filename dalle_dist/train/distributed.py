@@ -17,22 +17,41 @@ exactly the gradient of the single-process loss: runs on any topology agree with
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from ..config import ConfigError, PriorRunConfig
+from ..config import ConfigError, PriorRunConfig, to_dict
 from ..data.random_batches import random_tokens
 from ..models.prior import IGNORE_INDEX, DallePrior, init_prior_parameters
 from ..parallel.pipeline import SCHEDULES, build_schedule, build_stage_modules, make_loss_fn, pack_targets
+from ..parallel.pipeline import PriorStage as PipelineStageModule
 from ..parallel.topology import Topology, build_mesh
+from .checkpoint import rng_state, set_rng_state
+from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
 from .schedules import PlateauHalvingLR
 from .trainer import decay_groups
+
+
+class StageView(nn.Module):
+    """This rank's stages seen as one module with the single-process names (``embed``, ``resblocks.K``, ``head``).
+
+    Checkpoints and EMA key tensors by these names, so they load on any topology. Holds references only.
+    """
+
+    def __init__(self, stages: list[PipelineStageModule]) -> None:
+        super().__init__()
+        self.embed = next((s.embed for s in stages if s.embed is not None), None)
+        self.resblocks = nn.ModuleDict({k: b for s in stages for k, b in s.resblocks.items()})
+        self.head = next((s.head for s in stages if s.head is not None), None)
 
 
 def validate_parallel(cfg: PriorRunConfig, world_size: int | None = None) -> Topology:
@@ -122,6 +141,12 @@ class DistributedPriorTrainer:
         self.params = [p for stage in self.stages for p in stage.parameters()]
         groups = [g for stage in self.stages for g in decay_groups(stage, cfg.optim.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.view = StageView(self.stages)
+        self.ema = {
+            k: v.detach().to(torch.float32, copy=True)
+            for k, v in self.view.state_dict().items()
+            if v.is_floating_point()
+        }
         self.n_stages = self.topology.pp * par.virtual_stages
         self._counts: tuple[Tensor, Tensor] | None = None
         if self.topology.pp > 1:
@@ -213,6 +238,8 @@ class DistributedPriorTrainer:
         grad_norm = self._clip_(cfg.optim.grad_clip)
         self.optimizer.step()
         self.step_num += 1
+        if self.step_num % cfg.optim.ema_every == 0:
+            self._update_ema(cfg.optim.ema_decay)
 
         loss_t = local_loss.reshape(1).clone()
         dist.all_reduce(loss_t)  # only last-stage ranks hold a loss; their sum is the global-batch loss
@@ -257,6 +284,84 @@ class DistributedPriorTrainer:
                 if p.grad is not None:
                     p.grad.mul_(coef)
         return norm
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        """EMA of the parameters [P B.2], on each rank's own shards (DTensors), in fp32."""
+        for k, v in self.view.state_dict().items():
+            if k in self.ema:
+                self.ema[k].lerp_(v.detach().to(torch.float32), 1.0 - decay)
+
+    # ---- checkpoints and the loop -----------------------------------------------------------------
+
+    def save(self) -> Path:
+        trainer_state = {
+            "stage": "prior",
+            "step": self.step_num,
+            "schedule": self.schedule.state_dict(),
+            "config": to_dict(self.cfg),
+            "topology": self.topology.describe(),
+        }
+        return save_distributed(
+            self.cfg.train.out_dir,
+            self.step_num,
+            self.view,
+            self.optimizer,
+            self.ema,
+            trainer_state,
+            rng_state({}),
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def load(self, path: str | Path) -> None:
+        """Resume from a checkpoint written on any topology (DCP reshards on load)."""
+        trainer_state, rng = load_distributed(path, self.view, self.optimizer, self.ema)
+        if trainer_state.get("stage") != "prior":
+            raise ValueError(f"{path} is not a prior checkpoint")
+        self.step_num = int(trainer_state["step"])
+        self.schedule.load_state_dict(trainer_state["schedule"])
+        if rng is not None:
+            set_rng_state(rng, {})
+
+    def fit(self) -> list[dict[str, float]]:
+        """Resume from the latest complete checkpoint, then train to ``train.steps``; rank 0 logs."""
+        cfg = self.cfg
+        latest = latest_checkpoint(cfg.train.out_dir) if cfg.train.resume else None
+        if latest is not None:
+            self.load(latest)
+        out = Path(cfg.train.out_dir)
+        history: list[dict[str, float]] = []
+        log = None
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            log = open(out / "metrics.jsonl", "a")
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step_num,
+            desc=f"train prior [{self.topology.describe()}]",
+            disable=self.rank != 0 or not cfg.train.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step_num < cfg.train.steps:
+                metrics = self.step()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                every = cfg.train.log_every
+                if log is not None and every > 0 and (self.step_num % every == 0 or self.step_num == cfg.train.steps):
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                if cfg.train.save_every > 0 and self.step_num % cfg.train.save_every == 0:
+                    self.save()
+            if latest is None or self.step_num > int(latest.name.split("_")[1]):
+                self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        return history
 
     def close(self) -> None:
         if dist.is_initialized():

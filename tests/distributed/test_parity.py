@@ -4,27 +4,15 @@ The issue's bar: first step within 1e-5, 20 steps within 1e-3 relative, fp32.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _torchrun import TINY, torchrun
 
 from dalle_dist.config import build_config
 from dalle_dist.train.stages import PriorTrainer
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
-COMMON = ["--config", "configs/prior/tiny.yaml", "--parallel.n_microbatches", "2", "--train.steps", str(STEPS)]
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [*cmd, "launch/run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+COMMON = [*TINY, "--train.steps", str(STEPS), "--train.log_every", "1"]
 
 
 @pytest.fixture(scope="module")
