@@ -77,6 +77,16 @@ def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"export takes no overrides, got {extra}")
+    from .train.export import export
+
+    out = export(args.out, args.prior, args.dvae, args.tokenizer, use_ema=not args.no_ema)
+    print(json.dumps({"export": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle-dist",
@@ -116,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["dvae", "prior"], required=True)
     _add_config_args(p)
     p.set_defaults(run=_cmd_config)
+
+    p = sub.add_parser(
+        "export",
+        help="write one safetensors file + config (+ tokenizer) for generation",
+        description="Export trained weights (EMA by default) into DIR/model.safetensors and DIR/config.json. The prior "
+        "checkpoint may be a single-process checkpoint.pt, a distributed step directory, or a run directory (its "
+        "latest checkpoint). Loading an export never unpickles anything.",
+    )
+    p.add_argument("--prior", required=True, help="prior checkpoint: checkpoint.pt, checkpoints/step_N, or run dir")
+    p.add_argument("--dvae", help="dVAE checkpoint.pt (from train-dvae), bundled for decoding images")
+    p.add_argument("--tokenizer", help="BPE tokenizer JSON to copy alongside")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(run=_cmd_export)
 
     from .data.commands import register as register_data_commands
 

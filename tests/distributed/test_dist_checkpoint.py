@@ -6,9 +6,11 @@ import subprocess
 import time
 
 import pytest
+import torch
 from _torchrun import ROOT, TINY, env, losses_by_step, torchrun, torchrun_cmd
 
 from dalle_dist.train.dist_checkpoint import latest_checkpoint, list_checkpoints
+from dalle_dist.train.export import read_prior_weights
 
 STEPS = 12
 ARGS = [*TINY, "--train.steps", str(STEPS), "--train.log_every", "1", "--train.save_every", "3"]
@@ -75,6 +77,16 @@ def test_resume_across_topologies(uninterrupted, tmp_path):
     got = losses_by_step(b)
     for step in range(7, STEPS + 1):
         assert got[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+
+    # Export reads a distributed checkpoint of any topology in one process, without a process group: the weights
+    # saved at step 6 on pp=2 × shard=2 equal those saved at step 6 on one process.
+    wa, _ = read_prior_weights(a / "checkpoints" / "step_00000006", use_ema=False)
+    wb, _ = read_prior_weights(b / "checkpoints" / "step_00000006", use_ema=False)
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    ea, _ = read_prior_weights(a / "checkpoints" / "step_00000006", use_ema=True)
+    assert any(not torch.equal(ea[k], wa[k]) for k in wa)
 
 
 def test_interrupted_save_is_ignored_and_old_ones_pruned(tmp_path):
