@@ -34,6 +34,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: $(STAMP) lint
+	bash launch/local/install_system_deps.sh
 	$(BIN)/python -m pytest -q
 
 test-small: $(STAMP)

@@ -27,9 +27,11 @@ from dalle_dist.config import ConfigError, build_config, parse_overrides  # noqa
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="launch/run.py",
-        description="Distributed prior training under torchrun (pipeline × shard × replicate).",
+        description="Distributed training under torchrun: the prior on pipeline × shard × replicate, the dVAE "
+        "data-parallel.",
         epilog="Overrides: --section.key value, e.g. --parallel.topology pp=2,shard=2 --train.steps 100.",
     )
+    p.add_argument("--stage", choices=["prior", "dvae"], default="prior", help="which model to train (default prior)")
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overlay (repeatable)")
     p.add_argument("--flavor", help="shorthand for --model.flavor")
     return p.parse_known_args(argv)
@@ -42,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(extra)
         if args.flavor:
             overrides["model.flavor"] = args.flavor
-        cfg = build_config("prior", args.config, overrides)
-        from dalle_dist.train.distributed import DistributedPriorTrainer, validate_parallel
+        cfg = build_config(args.stage, args.config, overrides)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.stage == "prior":
+            from dalle_dist.train.distributed import DistributedPriorTrainer as TrainerClass
+            from dalle_dist.train.distributed import validate_parallel
 
-        validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            validate_parallel(cfg, world)
+        else:
+            from dalle_dist.train.dvae_distributed import DistributedDVAETrainer as TrainerClass
+            from dalle_dist.train.dvae_distributed import validate_dvae_parallel
+
+            validate_dvae_parallel(cfg, world)
     except ConfigError as err:
         print(f"launch/run.py: config error: {err}", file=sys.stderr)
         return 2
 
-    trainer = DistributedPriorTrainer(cfg).build()
+    trainer = TrainerClass(cfg).build()
     try:
         trainer.fit()  # resumes from the latest complete checkpoint in train.out_dir
     finally:

@@ -329,6 +329,8 @@ class DistributedPriorTrainer:
         latest = latest_checkpoint(cfg.train.out_dir) if cfg.train.resume else None
         if latest is not None:
             self.load(latest)
+            if self.rank == 0:
+                print(f"[dalle_dist] resumed from {latest} at step {self.step_num}", flush=True)
         out = Path(cfg.train.out_dir)
         history: list[dict[str, float]] = []
         log = None
