@@ -75,6 +75,12 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="report how many captions exceed this many tokens (paper: 256); 0 skips this second pass",
+    )
     p.set_defaults(run=_lazy("dalle_dist.data.tokenizer", "cli_train"))
 
     p = sub.add_parser(
