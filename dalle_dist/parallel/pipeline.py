@@ -89,13 +89,16 @@ def pack_targets(text_targets: Tensor, image: Tensor) -> Tensor:
     return torch.cat([text_targets, image], dim=1)
 
 
-def make_loss_fn(cfg: PriorModelConfig, n_text: Tensor, n_image: Tensor, scale: float = 1.0) -> Callable:
+def make_loss_fn(
+    cfg: PriorModelConfig, n_text: Tensor, n_image: Tensor, scale: float = 1.0, parts: list | None = None
+) -> Callable:
     """Loss of one microbatch normalised by the whole global batch's token counts.
 
     [P §2.2] averages each modality's cross-entropy over its tokens in the batch; [P D.3] divides by the overall
     batch. Summing sum-CE / global-count over microbatches and ranks gives exactly the single-process loss, which
     is what makes every topology agree. ``scale`` multiplies the loss for backward (e.g. the data-parallel degree,
-    undoing the averaging of gradient reductions).
+    undoing the averaging of gradient reductions). ``parts`` collects each microbatch's (text CE, image CE)
+    contributions to the per-modality losses, detached, for logging.
     """
 
     def loss_fn(output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
@@ -103,8 +106,11 @@ def make_loss_fn(cfg: PriorModelConfig, n_text: Tensor, n_image: Tensor, scale: 
         t = text_logits.shape[1]
         text_sum = F.cross_entropy(text_logits.flatten(0, 1), target[:, :t].flatten(), reduction="sum")
         image_sum = F.cross_entropy(image_logits.flatten(0, 1), target[:, t:].flatten(), reduction="sum")
-        loss = cfg.text_loss_weight * text_sum / n_text.clamp(min=1) + cfg.image_loss_weight * image_sum / n_image
-        return loss * scale
+        text_ce = text_sum / n_text.clamp(min=1)
+        image_ce = image_sum / n_image
+        if parts is not None:
+            parts.append(torch.stack([text_ce.detach(), image_ce.detach()]))
+        return (cfg.text_loss_weight * text_ce + cfg.image_loss_weight * image_ce) * scale
 
     return loss_fn
 

@@ -37,6 +37,7 @@ from ..parallel.pipeline import PriorStage as PipelineStageModule
 from ..parallel.topology import Topology, build_mesh
 from .checkpoint import rng_state, set_rng_state
 from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
+from .metrics import MetricsLogger, throughput
 from .schedules import PlateauHalvingLR
 from .trainer import decay_groups
 
@@ -178,7 +179,8 @@ class DistributedPriorTrainer:
     def _loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
         assert self._counts is not None
         n_text, n_image = self._counts
-        return make_loss_fn(self.cfg.model, n_text, n_image, scale=float(self.topology.dp_size))(output, target)
+        scale = float(self.topology.dp_size)
+        return make_loss_fn(self.cfg.model, n_text, n_image, scale=scale, parts=self._parts)(output, target)
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -213,6 +215,7 @@ class DistributedPriorTrainer:
         dist.all_reduce(counts)  # over the world: every pp stage counted its replica's slice once
         counts = counts // topo.pp
         self._counts = (counts[0].float(), counts[1].float())
+        self._parts: list[Tensor] = []
         target = pack_targets(text_targets, image)
 
         for stage in self.stages:
@@ -241,17 +244,23 @@ class DistributedPriorTrainer:
         if self.step_num % cfg.optim.ema_every == 0:
             self._update_ema(cfg.optim.ema_decay)
 
-        loss_t = local_loss.reshape(1).clone()
-        dist.all_reduce(loss_t)  # only last-stage ranks hold a loss; their sum is the global-batch loss
-        loss_value = float(loss_t)
+        parts = torch.stack(self._parts).sum(0) if self._parts else torch.zeros(2, device=self.device)
+        totals = torch.cat([local_loss.reshape(1), parts])  # (3,): loss, text CE, image CE
+        dist.all_reduce(totals)  # only last-stage ranks hold losses; their sum is the global-batch value
+        loss_value, loss_text, loss_image = (float(x) for x in totals)
         self.schedule.observe(self.step_num, loss_value)
-        return {
+        seconds = time.perf_counter() - t0
+        metrics = {
             "step": self.step_num,
             "loss": loss_value,
+            "loss_text": loss_text,
+            "loss_image": loss_image,
             "lr": lr,
             "grad_norm": grad_norm,
-            "step_seconds": time.perf_counter() - t0,
+            "step_seconds": seconds,
         }
+        metrics.update(throughput(cfg.model, cfg.data.batch_size, seconds, self.world, cfg.train.peak_flops))
+        return metrics
 
     def _reduce_replicas(self) -> None:
         """Average the gradient shards over the replicate dim (fp32 all-reduce)."""
@@ -337,7 +346,7 @@ class DistributedPriorTrainer:
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            log = open(out / "metrics.jsonl", "a")
+            log = MetricsLogger(out, to_dict(cfg), cfg.train.wandb, name=f"prior-{self.topology.describe()}")
         bar = tqdm(
             total=cfg.train.steps,
             initial=self.step_num,
@@ -353,8 +362,7 @@ class DistributedPriorTrainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 every = cfg.train.log_every
                 if log is not None and every > 0 and (self.step_num % every == 0 or self.step_num == cfg.train.steps):
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                    log.log(metrics)
                 if cfg.train.save_every > 0 and self.step_num % cfg.train.save_every == 0:
                     self.save()
             if latest is None or self.step_num > int(latest.name.split("_")[1]):
