@@ -1,0 +1,103 @@
+"""AdamW with fp32 moments for every parameter, whatever the parameter's storage dtype.
+
+The paper stores the Adam moments of its 16-bit parameters in custom 16-bit formats (mean 1-6-9, variance 0-6-10,
+exponent bias 60) and clips the variance estimate at 5 [P B.2; spec §3]. ``torch.optim.AdamW`` on an fp16
+parameter keeps fp16 moments, where ε = 1e-8 rounds to 0 and the squared gradients under- and overflow fp16's
+5-bit exponent. We keep both moments in fp32 instead (documented deviation: 8 bytes per parameter of optimizer
+state instead of 4; see docs/precision.md). Optionally an fp32 master copy of each 16-bit parameter
+(``master_weights``); without it the update is computed in fp32 and rounded into the 16-bit weight each step.
+
+``step(grad_scale=...)`` multiplies each gradient by a per-parameter factor while it is read in fp32: this is
+where the per-resblock gradient scales are divided out (and the global-norm clip applied) without ever forming
+an unscaled 16-bit gradient [P E.2(11)]. For fp32 parameters and ``grad_scale=1`` the arithmetic is exactly
+``torch.optim.AdamW``'s single-tensor implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class AdamW32(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose state is fp32: ``exp_avg``, ``exp_avg_sq`` and optionally ``master``."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        master_weights: bool = False,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW32 settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved by torch.optim.AdamW lack our option
+            group.setdefault("master_weights", False)
+
+    def _init_state(self, p: Tensor, master: bool) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if master and p.dtype != torch.float32:
+                state["master"] = p.detach().float().clone(memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], float] | None = None, grad_scale: float | Mapping[Tensor, float] = 1.0
+    ) -> float | None:
+        """One AdamW update; ``grad_scale`` multiplies the gradients (a number, or a factor per parameter)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW32 does not support sparse gradients")
+                mult = grad_scale.get(p, 1.0) if isinstance(grad_scale, Mapping) else grad_scale
+                grad = p.grad.float()  # (same shape) fp32; a new tensor unless the gradient is already fp32
+                if mult != 1.0:
+                    grad = grad * mult
+                state = self._init_state(p, group["master_weights"])
+                # The fp32 tensor the update is applied to: the parameter itself, its master copy, or a temporary.
+                w = state.get("master", p if p.dtype == torch.float32 else None)
+                w = p.float() if w is None else w
+                state["step"] += 1
+                step = float(state["step"])
+                w.mul_(1 - lr * wd)
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1**step)
+                denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+                w.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                if w is not p:
+                    p.copy_(w)  # round the fp32 result into the 16-bit storage
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but the moments and master copies stay fp32 (torch casts state to the
+        parameter's dtype, which would round them to 16 bits and break an exact resume)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
