@@ -6,6 +6,7 @@ Layout of ``<out_dir>/checkpoints/``::
         .metadata, __*.distcp   DCP: model, optimizer and EMA tensors keyed by full parameter names
         trainer.pt              rank-independent state: step, LR schedule, config (torch.save, weights_only)
         rng_<rank>.pt           each rank's RNG states
+        powersgd_*.pt           Σ over replicas of the PowerSGD error buffers, one file per (stage, shard) [P E.2]
     step_00000015.tmp/        a save in progress or interrupted by a crash: never read, removed by the next save
 
 Tensors are keyed by the single-process names (``resblocks.7.attn.q_proj.weight``, ``exp_avg`` of it, ...), so a
@@ -73,6 +74,7 @@ def save_distributed(
     trainer_state: dict[str, Any],
     rng: dict[str, Any],
     keep: int = 3,
+    rank_files: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_N.tmp``, then rank 0 renames it to ``step_N``.
 
@@ -92,6 +94,8 @@ def save_distributed(
     dist.barrier()
     dcp.save(_tensor_state(model, optimizer, ema), checkpoint_id=str(tmp))
     torch.save(rng, tmp / f"rng_{rank}.pt")
+    for name, obj in (rank_files or {}).items():  # e.g. the PowerSGD error-buffer sums of one shard group
+        torch.save(obj, tmp / name)
     dist.barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer.pt")  # its presence marks the checkpoint complete

@@ -34,6 +34,7 @@ from ..data.random_batches import random_tokens
 from ..models.prior import IGNORE_INDEX, DallePrior, init_prior_parameters
 from ..parallel.pipeline import SCHEDULES, build_schedule, build_stage_modules, make_loss_fn, pack_targets
 from ..parallel.pipeline import PriorStage as PipelineStageModule
+from ..parallel.powersgd import PowerSGDReducer
 from ..parallel.topology import Topology, build_mesh
 from .checkpoint import rng_state, set_rng_state
 from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
@@ -143,6 +144,8 @@ class DistributedPriorTrainer:
         groups = [g for stage in self.stages for g in decay_groups(stage, cfg.optim.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.view = StageView(self.stages)
+        self.named = dict(self.view.named_parameters())  # full single-process names → (sharded) parameters
+        self.reducer = self._build_reducer()
         self.ema = {
             k: v.detach().to(torch.float32, copy=True)
             for k, v in self.view.state_dict().items()
@@ -153,6 +156,24 @@ class DistributedPriorTrainer:
         if self.topology.pp > 1:
             self._build_pipeline()
         return self
+
+    def _build_reducer(self) -> PowerSGDReducer | None:
+        """PowerSGD over the replicate dim on each rank's gradient shards [P §2.5, E.2], when configured."""
+        if self.cfg.comm.replica_reduce != "powersgd" or self.topology.replicate == 1:
+            return None
+        local = {n: self._local(p) for n, p in self.named.items()}
+        return PowerSGDReducer.from_config(
+            local,
+            self.cfg.comm,
+            self.cfg.model.d_model,
+            self.mesh["replicate"].get_group(),
+            shards=self.topology.shard,
+            max_norm=None,  # clipping needs the norm over every stage and shard: done in _clip_
+        )
+
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
 
     def _apply_fsdp(self) -> None:
         """FSDP2 per resblock, then per stage, over the shard dim: all-gather ahead, reduce-scatter after [P Fig. 5]."""
@@ -198,10 +219,7 @@ class DistributedPriorTrainer:
     # ---- one update -----------------------------------------------------------------------------
 
     def _local_grad(self, p: nn.Parameter) -> Tensor | None:
-        g = p.grad
-        if g is None:
-            return None
-        return g.to_local() if hasattr(g, "to_local") else g
+        return None if p.grad is None else self._local(p.grad)
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -237,9 +255,11 @@ class DistributedPriorTrainer:
             if has_last:
                 local_loss = torch.stack([x.detach() for x in losses]).sum() / topo.dp_size
 
-        self._reduce_replicas()
+        comm_metrics = self._reduce_replicas()
         grad_norm = self._clip_(cfg.optim.grad_clip)
-        self.optimizer.step()
+        skipped = not math.isfinite(grad_norm)  # any rank's nonfinite gradient makes the global norm nonfinite
+        if not skipped:
+            self.optimizer.step()  # otherwise skip the parameter and moment update on every rank [P E.2(11)]
         self.step_num += 1
         if self.step_num % cfg.optim.ema_every == 0:
             self._update_ema(cfg.optim.ema_decay)
@@ -257,15 +277,26 @@ class DistributedPriorTrainer:
             "loss_image": loss_image,
             "lr": lr,
             "grad_norm": grad_norm,
+            "skipped": float(skipped),
             "step_seconds": seconds,
+            **comm_metrics,
         }
         metrics.update(throughput(cfg.model, cfg.data.batch_size, seconds, self.world, cfg.train.peak_flops))
         return metrics
 
-    def _reduce_replicas(self) -> None:
-        """Average the gradient shards over the replicate dim (fp32 all-reduce)."""
+    def _reduce_replicas(self) -> dict[str, float]:
+        """Average the gradient shards over the replicate dim: PowerSGD or one fp32 all-reduce."""
         if self.topology.replicate == 1:
-            return
+            return {}
+        if self.reducer is not None:
+            grads = {n: g for n, g in ((n, self._local_grad(p)) for n, p in self.named.items()) if g is not None}
+            result = self.reducer.reduce(grads)
+            result.copy_into(grads)
+            if not result.finite:
+                for g in grads.values():
+                    g.fill_(float("nan"))  # makes the global norm nonfinite on every rank → the step is skipped
+            return {"comm_bytes": float(result.bytes_sent["sent"]),
+                    "comm_bytes_uncompressed": float(result.bytes_sent["uncompressed"])}  # fmt: skip
         group = self.mesh["replicate"].get_group()
         grads = [g for g in (self._local_grad(p) for p in self.params) if g is not None]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -276,6 +307,8 @@ class DistributedPriorTrainer:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+        nbytes = float(flat.numel() * flat.element_size())
+        return {"comm_bytes": nbytes, "comm_bytes_uncompressed": nbytes}
 
     def _clip_(self, max_norm: float) -> float:
         """Global gradient norm over every stage and shard (replicas hold equal copies); clip in place."""
@@ -311,6 +344,11 @@ class DistributedPriorTrainer:
             "config": to_dict(self.cfg),
             "topology": self.topology.describe(),
         }
+        rank_files: dict[str, Any] = {}
+        if self.reducer is not None:
+            state = self.reducer.state_dict()  # collective over the replicas: Σ of their error buffers
+            if self.rep_rank == 0:
+                rank_files[self._powersgd_file()] = state
         return save_distributed(
             self.cfg.train.out_dir,
             self.step_num,
@@ -320,7 +358,13 @@ class DistributedPriorTrainer:
             trainer_state,
             rng_state({}),
             keep=self.cfg.train.keep_checkpoints,
+            rank_files=rank_files,
         )
+
+    def _powersgd_file(self) -> str:
+        """Error sums belong to one (stage, shard) slot of the layout; they only load back into the same layout."""
+        t = self.topology
+        return f"powersgd_pp{self.pp_rank}of{t.pp}_shard{self.shard_rank}of{t.shard}.pt"
 
     def load(self, path: str | Path) -> None:
         """Resume from a checkpoint written on any topology (DCP reshards on load)."""
@@ -331,6 +375,14 @@ class DistributedPriorTrainer:
         self.schedule.load_state_dict(trainer_state["schedule"])
         if rng is not None:
             set_rng_state(rng, {})
+        if self.reducer is not None:
+            file = Path(path) / self._powersgd_file()
+            if file.is_file():
+                self.reducer.load_state_dict(torch.load(file, weights_only=True))
+            elif self.rank == 0:
+                # Another pp/shard layout: the shard matrices differ, so the residuals cannot be mapped; PowerSGD
+                # restarts from zero error buffers (what the paper avoided on same-layout restarts [P E.2 notes]).
+                print("[dalle_dist] PowerSGD error buffers not restored (checkpoint from another layout)", flush=True)
 
     def fit(self) -> list[dict[str, float]]:
         """Resume from the latest complete checkpoint, then train to ``train.steps``; rank 0 logs."""
