@@ -319,6 +319,7 @@ class DVAERunConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.precision.validate()
         _validate_common(self.data, self.train)
 
 
@@ -334,6 +335,8 @@ class PriorRunConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.precision.validate()
+        self.comm.validate()
         _validate_common(self.data, self.train)
         if self.data.source == "folder" and not self.data.dvae_checkpoint:
             raise ConfigError(
@@ -348,7 +351,7 @@ def _validate_common(data: DataConfig, train: TrainConfig) -> None:
     if data.source == "folder" and not data.path:
         raise ConfigError("data.source=folder needs --data.path DIR (images with same-stem .txt captions)")
     if data.source in ("shards", "tokens") and not data.shards:
-        what = "image/caption shards (img2dataset layout)" if data.source == "shards" else "dalle-dist pretokenize output"
+        what = "image/caption shards, img2dataset layout" if data.source == "shards" else "pretokenize output"
         raise ConfigError(
             f"data.source={data.source} needs --data.shards, e.g. 'data/{{000000..000009}}.tar' or a directory of "
             f".tar files ({what})"
