@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import DVAERunConfig, PriorRunConfig, from_dict
+from ..config import ConfigError, DataConfig, DVAERunConfig, PriorRunConfig, from_dict
 from ..data.folder import EpochSampler, read_folder
+from ..data.pipeline import ShardLoader, image_loader, token_loader
 from ..data.random_batches import random_images, random_tokens
 from ..data.text import ByteTokenizer, pad_batch
 from ..models.dvae import DiscreteVAE
@@ -34,15 +36,25 @@ class DVAETrainer(Trainer):
 
     def build_data(self) -> None:
         data = self.cfg.data
+        if data.source == "tokens":
+            raise ConfigError(
+                "data.source=tokens holds dVAE codes for the prior; the dVAE trains on images: "
+                "use --data.source shards --data.shards 'data/{000000..000009}.tar'"
+            )
         if data.source == "folder":
             pairs = read_folder(data.path, self.cfg.model.image_size)
             self.images = pairs.images
             self.sampler = EpochSampler(len(self.images), data.batch_size, data.seed)
+        elif data.source == "shards":
+            # Listing 1 at the model's input side [P App. A.2]; one data-parallel rank until the engine passes its own.
+            self.loader: ShardLoader = image_loader("dvae", self.cfg.model.image_size, data)
 
     def next_batch(self) -> torch.Tensor:
         data = self.cfg.data
         if data.source == "folder":
             images = self.images[self.sampler.next_indices()]
+        elif data.source == "shards":
+            images = self.loader.next_batch()["images"]  # (B, 3, H, W) uint8
         else:
             images = random_images(data.batch_size, self.cfg.model.image_size, data.seed, self.step_num)
         return images.to(self.device).float() / 255.0  # (B, 3, H, W) in [0, 1]
@@ -64,11 +76,46 @@ class DVAETrainer(Trainer):
         return self.schedules.lr_at(step)
 
     def data_state(self) -> dict[str, Any]:
-        return self.sampler.state_dict() if self.cfg.data.source == "folder" else {}
+        return _data_state(self)
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        if self.cfg.data.source == "folder":
-            self.sampler.load_state_dict(state)
+        _load_data_state(self, state)
+
+
+def _data_state(trainer: Trainer) -> dict[str, Any]:
+    """The data cursor that goes into checkpoints: the folder sampler's or the shard loader's."""
+    source = trainer.cfg.data.source
+    if source == "folder":
+        return trainer.sampler.state_dict()
+    if source in ("shards", "tokens"):
+        return trainer.loader.state_dict()
+    return {}
+
+
+def _load_data_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    source = trainer.cfg.data.source
+    if source == "folder":
+        trainer.sampler.load_state_dict(state)
+    elif source in ("shards", "tokens"):
+        trainer.loader.load_state_dict(state)
+
+
+def build_tokenizer(data: DataConfig, text_vocab: int, training: bool = True) -> Any:
+    """The caption tokenizer: the BPE JSON at ``data.tokenizer`` (dropout while training [P §2.2]) or bytes."""
+    if data.tokenizer:
+        from ..data.tokenizer import load_tokenizer  # imported lazily: HF tokenizers only when used
+
+        tokenizer = load_tokenizer(data.tokenizer, data.bpe_dropout)
+        if training and hasattr(tokenizer, "train_mode"):
+            tokenizer.train_mode(True)
+    else:
+        tokenizer = ByteTokenizer()
+    if tokenizer.vocab_size > text_vocab:
+        raise ValueError(
+            f"model.text_vocab={text_vocab} < the tokenizer's {tokenizer.vocab_size} ids: "
+            f"set --model.text_vocab {tokenizer.vocab_size}"
+        )
+    return tokenizer
 
 
 def load_dvae(path: str, device: torch.device | str = "cpu", use_ema: bool = True) -> DiscreteVAE:
@@ -104,6 +151,16 @@ class PriorTrainer(Trainer):
 
     def build_data(self) -> None:
         data, m = self.cfg.data, self.cfg.model
+        if data.source == "shards":
+            raise ConfigError(
+                "the prior reads dVAE tokens, not images: run dalle-dist pretokenize --shards SHARDS --dvae "
+                "runs/dvae/checkpoint.pt --out DIR, then train with --data.source tokens --data.shards DIR"
+            )
+        if data.source == "tokens":
+            self._check_token_grid()
+            tokenizer = build_tokenizer(data, m.text_vocab)
+            self.loader = token_loader(data, tokenizer, m.caption_len, m.grid, m.image_vocab, m.text_pad_id)
+            return
         if data.source != "folder":
             return
         dvae = load_dvae(data.dvae_checkpoint, self.device)
@@ -113,9 +170,8 @@ class PriorTrainer(Trainer):
                 f"expects {m.grid}×{m.grid} of {m.image_vocab}: set --model.grid {dvae.cfg.grid} "
                 f"--model.image_vocab {dvae.cfg.vocab_size}"
             )
-        tokenizer = ByteTokenizer()
-        if tokenizer.vocab_size > m.text_vocab:
-            raise ValueError(f"model.text_vocab={m.text_vocab} < the byte tokenizer's {tokenizer.vocab_size}")
+        # Tokenized once here, so no BPE dropout: it would freeze one random segmentation per caption.
+        tokenizer = build_tokenizer(data, m.text_vocab, training=False)
         pairs = read_folder(data.path, dvae.cfg.image_size)
         codes = []
         with torch.no_grad():
@@ -130,6 +186,9 @@ class PriorTrainer(Trainer):
         if data.source == "folder":
             idx = self.sampler.next_indices()
             text, image = self.text_tokens[idx], self.image_tokens[idx]
+        elif data.source == "tokens":
+            batch = self.loader.next_batch()
+            text, image = batch["text"], batch["image"]  # (B, caption_len), (B, grid²)
         else:
             text, image = random_tokens(
                 data.batch_size, m.caption_len, m.text_vocab, m.image_len, m.image_vocab, data.seed, self.step_num
@@ -154,11 +213,30 @@ class PriorTrainer(Trainer):
         self.schedule.load_state_dict(state["schedule"])
 
     def data_state(self) -> dict[str, Any]:
-        return self.sampler.state_dict() if self.cfg.data.source == "folder" else {}
+        return _data_state(self)
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        if self.cfg.data.source == "folder":
-            self.sampler.load_state_dict(state)
+        _load_data_state(self, state)
+
+    def _check_token_grid(self) -> None:
+        """Fail at build time, with the fix, when the token shards were made by a dVAE of another grid."""
+        from ..data.pipeline import CODES_EXTENSION, load_codes
+        from ..data.shards import expand_shards, read_shard
+
+        m = self.cfg.model
+        for raw in read_shard(expand_shards(self.cfg.data.shards)[0], Counter()):
+            if raw.get(CODES_EXTENSION) is None:
+                raise ValueError(
+                    f"{raw.get('__url__')!r} holds no .codes.npy members: data.source=tokens needs the output of "
+                    "dalle-dist pretokenize, not image shards"
+                )
+            grid = int(load_codes(raw[CODES_EXTENSION]).shape[0])
+            if grid != m.grid:
+                raise ValueError(
+                    f"token shards hold {grid}×{grid} code grids but the prior expects {m.grid}×{m.grid}: "
+                    f"set --model.grid {grid}"
+                )
+            return
 
 
 TRAINERS: dict[str, type[Trainer]] = {"dvae": DVAETrainer, "prior": PriorTrainer}

@@ -32,6 +32,7 @@ from ..precision import (
 )
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
+from .metrics import MetricsLogger
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -272,6 +273,11 @@ class Trainer(ABC):
 
     # ---- the loop ---------------------------------------------------------------------------------
 
+    @property
+    def is_main(self) -> bool:
+        """The process that writes logs, progress and checkpoints (rank 0 of a data-parallel job)."""
+        return True
+
     def fit(self) -> list[dict[str, float]]:
         """Run to ``train.steps``, resuming from ``out_dir`` when a checkpoint is there."""
         if not self._built:
@@ -279,30 +285,35 @@ class Trainer(ABC):
         ckpt = self.out_dir / CHECKPOINT_NAME
         if self.cfg.train.resume and ckpt.is_file():
             self.load(ckpt)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         total = self.cfg.train.steps
         history: list[dict[str, float]] = []
+        log = None
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            log = MetricsLogger(self.out_dir, to_dict(self.cfg), self.cfg.train.wandb, name=self.stage)
         bar = tqdm(
             total=total,
             initial=self.step_num,
             desc=f"train {self.stage}",
-            disable=not self.cfg.train.progress,
+            disable=not (self.cfg.train.progress and self.is_main),
             dynamic_ncols=True,
         )
-        with open(self.out_dir / METRICS_NAME, "a") as log:
+        try:
             while self.step_num < total:
                 metrics = self.step()
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 every = self.cfg.train.log_every
-                if every > 0 and (self.step_num % every == 0 or self.step_num == total):
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                if log is not None and every > 0 and (self.step_num % every == 0 or self.step_num == total):
+                    log.log(metrics)
                 save_every = self.cfg.train.save_every
                 if save_every > 0 and self.step_num % save_every == 0:
                     self.save()
-        bar.close()
-        self.save()
+            self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
         return history
