@@ -6,14 +6,15 @@ STAMP   := $(VENV)/.installed
 # Device for smoke runs: cuda when a GPU is visible, else cpu.
 DEVICE  ?= auto
 
-.PHONY: help install test test-unit test-small lint format plan clean
+.PHONY: help install test test-small lint format plan bench-powersgd bench-data clean
 
 help:
 	@echo "make install     create $(VENV) with torch==2.13.0 and dalle_dist (editable)"
 	@echo "make test        install if needed, lint, run the tests"
 	@echo "make test-small  a few real training steps of each stage on the tiny config (GPU if present)"
 	@echo "make plan        parameter/memory plan of the 12B prior and the openai dVAE"
-	@echo "make lint        ruff check + format check"
+	@echo "make lint        ruff check + format check + hadolint"
+	@echo "make bench-powersgd / bench-data   benchmarks (one JSON object each)"
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +44,12 @@ test-small: $(STAMP)
 		--train.device $(DEVICE) --train.resume false --train.out_dir runs/test-small/dvae
 	$(BIN)/dalle-dist train-prior --config configs/prior/tiny.yaml --train.steps 5 --train.log_every 1 \
 		--train.device $(DEVICE) --train.resume false --train.out_dir runs/test-small/prior
+
+bench-powersgd: $(STAMP)
+	$(BIN)/python benchmarks/powersgd.py
+
+bench-data: $(STAMP)
+	$(BIN)/python benchmarks/data_throughput.py
 
 plan: $(STAMP)
 	$(BIN)/dalle-dist plan --prior 12B --dvae openai
