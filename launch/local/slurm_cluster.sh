@@ -24,7 +24,7 @@ case "$cmd" in
     command -v slurmctld >/dev/null || { echo "slurmctld not found: run launch/local/install_system_deps.sh" >&2; exit 1; }
     stop
     rm -rf "$state"; mkdir -p "$state"/{spool,ctld}
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     cat > "$conf" <<CONF
 ClusterName=dalledist

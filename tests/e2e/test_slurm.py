@@ -35,7 +35,7 @@ def sbatch(env: dict, out: Path, steps: int, log: Path) -> subprocess.CompletedP
             "--train.out_dir", str(out)]  # fmt: skip
     cmd = ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={log}",
            "--export=ALL,NPROC_PER_NODE=2", "launch/train_prior.slurm", *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_sbatch_train_prior_then_requeued_job_resumes(slurm, tmp_path):
