@@ -257,10 +257,13 @@ class PrecisionConfig:
     backoff_window: int = 125  # no two divisions of the same scale within this many updates [P D.1]
     activation_checkpointing: bool = False  # recompute resblock activations in the backward pass [P §2.4]
     master_weights: bool = False  # fp32 master copy of 16-bit weights in the optimizer; paper: none (spec §3)
+    moments_dtype: str = "fp32"  # Adam moments of 16-bit weights: "fp32" | "bf16" (paper: 16-bit 1-6-9 / 0-6-10)
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"precision.dtype={self.dtype!r}: choose 'fp32', 'fp16' or 'bf16'")
+        if self.moments_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"precision.moments_dtype={self.moments_dtype!r}: choose 'fp32' or 'bf16'")
         if self.grad_scaling not in ("per_resblock", "none"):
             raise ConfigError(f"precision.grad_scaling={self.grad_scaling!r}: choose 'per_resblock' or 'none'")
         if not self.min_scale_log2 <= self.init_scale_log2 <= self.max_scale_log2:

@@ -1,10 +1,12 @@
-"""AdamW with fp32 moments for every parameter, whatever the parameter's storage dtype.
+"""AdamW with fp32 moments (or bf16 moments for 16-bit parameters), whatever the parameter's storage dtype.
 
 The paper stores the Adam moments of its 16-bit parameters in custom 16-bit formats (mean 1-6-9, variance 0-6-10,
 exponent bias 60) and clips the variance estimate at 5 [P B.2; spec §3]. ``torch.optim.AdamW`` on an fp16
 parameter keeps fp16 moments, where ε = 1e-8 rounds to 0 and the squared gradients under- and overflow fp16's
-5-bit exponent. We keep both moments in fp32 instead (documented deviation: 8 bytes per parameter of optimizer
-state instead of 4; see docs/precision.md). Optionally an fp32 master copy of each 16-bit parameter
+5-bit exponent. By default we keep both moments in fp32 (documented deviation: 8 bytes per parameter of optimizer
+state instead of 4; see docs/precision.md); ``moments_dtype=torch.bfloat16`` stores the moments of 16-bit
+parameters in bf16 — the paper's 4 bytes per parameter, with a wide exponent like its formats.
+Optionally an fp32 master copy of each 16-bit parameter
 (``master_weights``); without it the update is computed in fp32 and rounded into the 16-bit weight each step.
 
 ``step(grad_scale=...)`` multiplies each gradient by a per-parameter factor while it is read in fp32: this is
@@ -34,7 +36,11 @@ class AdamW32(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         master_weights: bool = False,
+        moments_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if moments_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"AdamW32 moments_dtype must be float32 or bfloat16, got {moments_dtype}")
+        self.moments_dtype = moments_dtype
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid AdamW32 settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, master_weights=master_weights)
@@ -45,12 +51,18 @@ class AdamW32(torch.optim.Optimizer):
         for group in self.param_groups:  # groups saved by torch.optim.AdamW lack our option
             group.setdefault("master_weights", False)
 
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        """fp32 for fp32 parameters [P D.2]; ``moments_dtype`` for 16-bit ones (bf16 stands in for the paper's
+        range-first 1-6-9 / 0-6-10 formats: 8 exponent bits keep squared gradients from underflowing)."""
+        return torch.float32 if p.dtype == torch.float32 else self.moments_dtype
+
     def _init_state(self, p: Tensor, master: bool) -> dict[str, Any]:
         state = self.state[p]
         if not state:
+            dtype = self._moment_dtype(p)
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if master and p.dtype != torch.float32:
                 state["master"] = p.detach().float().clone(memory_format=torch.preserve_format)
         return state
@@ -82,11 +94,17 @@ class AdamW32(torch.optim.Optimizer):
                 state["step"] += 1
                 step = float(state["step"])
                 w.mul_(1 - lr * wd)
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                # 16-bit moments are updated in fp32 and rounded back; fp32 ones in place (torch's exact arithmetic).
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m32, v32 = (m, v) if m.dtype == torch.float32 else (m.float(), v.float())
+                m32.lerp_(grad, 1 - beta1)
+                v32.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if m32 is not m:
+                    m.copy_(m32)
+                    v.copy_(v32)
                 step_size = lr / (1 - beta1**step)
-                denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-                w.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                denom = (v32.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+                w.addcdiv_(m32, denom, value=-step_size)
                 if w is not p:
                     p.copy_(w)  # round the fp32 result into the 16-bit storage
         return loss
@@ -100,4 +118,5 @@ class AdamW32(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                    dtype = self._moment_dtype(p) if key in ("exp_avg", "exp_avg_sq") else torch.float32
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)

@@ -134,6 +134,7 @@ class Trainer(ABC):
             betas=optim.betas,
             eps=optim.eps,
             master_weights=self.cfg.precision.master_weights,
+            moments_dtype=torch.bfloat16 if self.cfg.precision.moments_dtype == "bf16" else torch.float32,
         )
         self.ema = EMA(self.model, optim.ema_decay, optim.ema_every)
         self.build_data()

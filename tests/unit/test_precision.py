@@ -235,3 +235,23 @@ def test_dvae_fp16_uses_a_global_loss_scale_and_checkpoints_it(tmp_path):
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["precision"]["loss_scaler"]["scale"] == 65536.0
     assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+def test_bf16_moments_for_16_bit_weights_train_and_round_trip(tmp_path):
+    t = micro_trainer(tmp_path, "fp16", **{"precision.moments_dtype": "bf16"}).build()
+    fixed = t.next_batch()
+    t.next_batch = lambda: fixed
+    hist = [t.step() for _ in range(30)]
+    losses = [h["loss"] for h in hist]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    for p in t.model.parameters():
+        want = torch.float32 if p.dtype == torch.float32 else torch.bfloat16  # fp32 classes keep fp32 moments
+        assert t.optimizer.state[p]["exp_avg"].dtype == want and t.optimizer.state[p]["exp_avg_sq"].dtype == want
+    t.save()
+    again = micro_trainer(tmp_path, "fp16", **{"precision.moments_dtype": "bf16"}).build()
+    again.load()
+    for p, q in zip(t.model.parameters(), again.model.parameters()):
+        assert torch.equal(t.optimizer.state[p]["exp_avg_sq"], again.optimizer.state[q]["exp_avg_sq"])
+        assert again.optimizer.state[q]["exp_avg_sq"].dtype == t.optimizer.state[p]["exp_avg_sq"].dtype
+    with pytest.raises(ConfigError, match="moments_dtype"):
+        micro_trainer(tmp_path, "fp16", **{"precision.moments_dtype": "fp8"})
