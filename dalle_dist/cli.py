@@ -125,6 +125,14 @@ def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"generate takes no overrides, got {extra}")
+    from .sample.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle-dist",
@@ -222,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample images for captions from an export (KV cache, temperature, top-k, priming)",
+        description="Sample image tokens for each caption with the KV cache and decode them with the dVAE; writes one "
+        "PNG per sample, grid.png (a row per caption) and index.json.",
+    )
+    from .sample.cli import add_arguments as add_generate_arguments
+
+    add_generate_arguments(p)
+    p.set_defaults(run=_cmd_generate)
 
     from .data.commands import register as register_data_commands
 

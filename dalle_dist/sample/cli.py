@@ -1,0 +1,98 @@
+"""``dalle-dist generate``: captions → image tokens (KV cache) → dVAE decoder → PNG files and a grid.
+
+Reads an export directory (``dalle-dist export``): the prior, the dVAE decoder and, when present, the BPE
+tokenizer. Samples at temperature 1 without top-k by default, as the paper does [P §2.6]; ``--prime IMAGE
+--prime-rows R`` gives the top R rows of an image's tokens, as in the paper's image-to-image experiments [P §3.3].
+Reranking (``--rerank``) arrives with the contrastive reranker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.text import ByteTokenizer, pad_batch
+from ..train.export import TOKENIZER, load_export
+from .generate import generate_images
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="export directory (dalle-dist export) with prior and dVAE")
+    p.add_argument("--text", action="append", required=True, help="caption (repeatable)")
+    p.add_argument("--n", type=int, default=8, help="images per caption (default 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="1 as in the paper; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    p.add_argument("--prime", help="image whose top rows of tokens are given (image-to-image)")
+    p.add_argument("--prime-rows", type=int, default=0, help="token rows taken from --prime (paper: 15 of 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples decoded at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", required=True, help="output directory for the PNGs and grid.png")
+
+
+def grid_image(images: np.ndarray, rows: int) -> Image.Image:
+    """uint8 images (N, H, W, 3) tiled into ``rows`` rows with a 2-pixel gap."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(n / rows)
+    canvas = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
+    return Image.fromarray(canvas)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1 or args.batch_size < 1 or args.prime_rows < 0:
+        raise SystemExit("dalle-dist generate: --n and --batch-size must be >= 1, --prime-rows >= 0")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    prior, dvae, config = load_export(args.checkpoint, device=device)
+    if dvae is None:
+        raise SystemExit(f"{args.checkpoint} has no dVAE: export with --dvae to decode images")
+    cfg = prior.cfg
+    tok_path = Path(args.checkpoint) / TOKENIZER
+    if tok_path.is_file():
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tok_path))
+    else:
+        tokenizer = ByteTokenizer()
+    prime = None
+    if args.prime:
+        if not 0 < args.prime_rows <= cfg.grid:
+            raise SystemExit(f"--prime needs 1 <= --prime-rows <= {cfg.grid}")
+        from ..data.folder import load_image
+
+        img = load_image(Path(args.prime), dvae.cfg.image_size).float().div(255).unsqueeze(0).to(device)
+        prime = dvae.encode_codes(img).flatten(1)[:, : args.prime_rows * cfg.grid]  # (1, rows·grid)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rows, index = [], []
+    for ci, caption in enumerate(args.text):
+        ids = pad_batch([tokenizer.encode(caption, cfg.caption_len)], cfg.caption_len).to(device)  # (1, Lc)
+        images = []
+        for start in range(0, args.n, args.batch_size):
+            b = min(args.batch_size, args.n - start)
+            p = None if prime is None else prime.expand(b, -1)
+            codes = generate_images(prior, ids.expand(b, -1), temperature=args.temperature, top_k=args.top_k,
+                                    prime=p, generator=gen)  # fmt: skip
+            with torch.no_grad():
+                pix = dvae.decode_codes(codes.view(b, cfg.grid, cfg.grid))  # (b, 3, H, W) in [0, 1]
+            images.append((pix.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        batch = np.concatenate(images)
+        for i, im in enumerate(batch):
+            path = out / f"caption{ci:02d}_{i:03d}.png"
+            Image.fromarray(im).save(path)
+            index.append({"caption": caption, "file": path.name})
+        rows.append(batch)
+    grid_image(np.concatenate(rows), rows=len(args.text)).save(out / "grid.png")
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    print(json.dumps({"out": str(out), "images": len(index), "grid": "grid.png", "captions": len(args.text)}))
+    return 0
