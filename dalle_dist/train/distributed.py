@@ -5,10 +5,16 @@ Composition order (each step applied from outside to a single-device model, as t
 1. build the whole prior on the meta device (no memory), drawing its init seed from ``train.seed``;
 2. cut this pp rank's stage modules out of it (``parallel/pipeline.py``), materialise them and initialise by
    parameter name, so every topology starts from the single-process weights;
-3. FSDP2 ``fully_shard`` per resblock, then per stage, on the ``shard`` mesh dim [P Fig. 5];
-4. wrap the stages in ``PipelineStage`` objects and a schedule when pp > 1;
-5. after backward: reduce the gradient shards over the ``replicate`` dim (plain all-reduce here), global-norm
-   clip over all stages and shards, AdamW.
+3. numerics per stage (``dist_precision.py``): 16-bit values and autocast, activation checkpointing, the
+   per-resblock gradient scaler's hooks on this rank's resblocks [P §2.4, D.1];
+4. FSDP2 ``fully_shard`` per resblock (and per 16-bit Linear), then per stage, on the ``shard`` mesh dim [P Fig. 5];
+5. wrap the stages in ``PipelineStage`` objects and a schedule when pp > 1;
+6. after backward: unscale the fp32 gradient shards and AND the finite flags over the world (fp16), reduce over the
+   ``replicate`` dim (all-reduce or PowerSGD), global-norm clip over all stages and shards, AdamW; a skip is
+   decided on every rank together.
+
+Data: random batches, or token shards read per data-parallel rank (``data.source=tokens``; every pp stage of a
+replica reads the same stream), with one cursor file per dp rank in the checkpoint.
 
 The loss of every microbatch is normalised by the global batch's token counts and multiplied by the
 data-parallel degree, so the averaging reductions (FSDP's reduce-scatter, the replica all-reduce) produce
@@ -17,6 +23,7 @@ exactly the gradient of the single-process loss: runs on any topology agree with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,16 +37,29 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import ConfigError, PriorRunConfig, to_dict
+from ..data.pipeline import ShardLoader, token_loader
 from ..data.random_batches import random_tokens
+from ..data.shards import ShardError, expand_shards
 from ..models.prior import IGNORE_INDEX, DallePrior, init_prior_parameters
 from ..parallel.pipeline import SCHEDULES, build_schedule, build_stage_modules, make_loss_fn, pack_targets
 from ..parallel.pipeline import PriorStage as PipelineStageModule
 from ..parallel.powersgd import PowerSGDReducer
 from ..parallel.topology import Topology, build_mesh
+from ..precision import REST, sync_finite_flags
 from .checkpoint import rng_state, set_rng_state
 from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
+from .dist_precision import (
+    ShardedAdamW32,
+    ShardedResblockGradScaler,
+    low_precision_modules,
+    low_precision_policy,
+    prepare_stage,
+    round_to_storage_,
+)
+from .faults import install_faults
 from .metrics import MetricsLogger, throughput
 from .schedules import PlateauHalvingLR
+from .stages import PriorTrainer, build_tokenizer
 from .trainer import decay_groups
 
 
@@ -87,9 +107,32 @@ def validate_parallel(cfg: PriorRunConfig, world_size: int | None = None) -> Top
         )
     if topo.pp > 1 and par.schedule == "1f1b" and par.n_microbatches < topo.pp:
         raise ConfigError(f"1F1B needs parallel.n_microbatches >= pp ({topo.pp}) to fill the pipeline")
-    if cfg.data.source not in ("random",):
-        raise ConfigError(f"the distributed prior trainer reads data.source=random for now, not {cfg.data.source!r}")
+    _validate_data(cfg, topo)
     return topo
+
+
+def _validate_data(cfg: PriorRunConfig, topo: Topology) -> None:
+    """The engine reads ``random`` batches or pretokenized shards (``tokens``), split over the dp ranks only."""
+    data = cfg.data
+    if data.source == "random":
+        return
+    if data.source != "tokens":
+        raise ConfigError(
+            f"the distributed prior trainer reads data.source=random or tokens, not {data.source!r}: turn images into "
+            "token shards with dalle-dist pretokenize --shards SHARDS --dvae DVAE_CKPT --out DIR, then train with "
+            "--data.source tokens --data.shards DIR"
+        )
+    try:
+        n_shards = len(expand_shards(data.shards))
+    except ShardError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+    readers = topo.dp_size * max(1, data.num_workers)
+    if n_shards < readers:
+        raise ConfigError(
+            f"{n_shards} token shard(s) cannot feed replicate × shard = {topo.dp_size} data-parallel ranks × "
+            f"{max(1, data.num_workers)} loader reader(s) = {readers} readers (each needs at least one shard): "
+            "pretokenize with a smaller --shard-size or lower data.num_workers"
+        )
 
 
 def init_distributed(backend: str = "auto") -> torch.device:
@@ -138,13 +181,16 @@ class DistributedPriorTrainer:
         for stage in self.stages:
             stage.to_empty(device=self.device)
             init_prior_parameters(stage.named_parameters(), cfg.model, self.meta_model.init_seed)
+        self._build_numerics()
         if self.topology.shard > 1:
             self._apply_fsdp()
         self.params = [p for stage in self.stages for p in stage.parameters()]
-        groups = [g for stage in self.stages for g in decay_groups(stage, cfg.optim.weight_decay)]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.view = StageView(self.stages)
         self.named = dict(self.view.named_parameters())  # full single-process names → (sharded) parameters
+        self.key_params = self._params_by_key()
+        # 16-bit parameters (fp32 storage, see dist_precision): rounded back to the 16-bit grid after each update.
+        self.low_params = [self.named[n] for n in self.low_names]
+        self.optimizer = self._build_optimizer()
         self.reducer = self._build_reducer()
         self.ema = {
             k: v.detach().to(torch.float32, copy=True)
@@ -153,9 +199,49 @@ class DistributedPriorTrainer:
         }
         self.n_stages = self.topology.pp * par.virtual_stages
         self._counts: tuple[Tensor, Tensor] | None = None
+        self.loader = self._build_loader()
         if self.topology.pp > 1:
             self._build_pipeline()
         return self
+
+    def _build_numerics(self) -> None:
+        """16-bit values and autocast per stage, activation checkpointing, per-resblock gradient scales.
+
+        Runs before FSDP (the policies are set on plain modules; FSDP keeps their forward wrappers and hooks).
+        The scaler holds every resblock key of the full model, so flags and scales agree on all ranks.
+        """
+        prec = self.cfg.precision
+        policies = [prepare_stage(stage, prec) for stage in self.stages]
+        self.dtype = policies[0].dtype
+        self.low_names = [n for policy in policies for n in policy.low_params]
+        self.scaler: ShardedResblockGradScaler | None = None
+        if policies[0].scaling == "per_resblock":
+            # M = 1: the loss is already multiplied by dp_size (see _loss), so each rank's gradient has the size of
+            # a per-replica mean; the paper's M·2^13 with a loss over the global batch is the same 2^13 × that
+            # gradient [P D.1, D.3]. The scales then do not depend on the topology, and resume on any layout.
+            self.scaler = ShardedResblockGradScaler(list(self.meta_model.resblocks), prec, replicas=1)
+            self.scaler.attach_local(StageView(self.stages).resblocks)
+        fault = install_faults(StageView(self.stages).resblocks, self.rank, lambda: self.step_num + 1)
+        if fault is not None:
+            print(f"[dalle_dist] test fault injection: {fault}", flush=True)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW [P B.2]: torch's in fp32 runs, ``AdamW32``'s arithmetic (fp32 or bf16 moments) in 16-bit ones."""
+        o = self.cfg.optim
+        groups = [g for stage in self.stages for g in decay_groups(stage, o.weight_decay)]
+        if not self.low_params:
+            return torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=o.betas, eps=o.eps)
+        moments = torch.bfloat16 if self.cfg.precision.moments_dtype == "bf16" else torch.float32
+        return ShardedAdamW32(groups, self.low_params, lr=self.schedule.lr_at(0), betas=o.betas, eps=o.eps,
+                              moments_dtype=moments)  # fmt: skip
+
+    def _params_by_key(self) -> dict[str, list[nn.Parameter]]:
+        """This rank's parameters grouped by resblock key (``resblocks.K.*`` → K) and ``REST`` (embed, head)."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.named.items():
+            key = name.split(".")[1] if name.startswith("resblocks.") else REST
+            groups.setdefault(key, []).append(p)
+        return groups
 
     def _build_reducer(self) -> PowerSGDReducer | None:
         """PowerSGD over the replicate dim on each rank's gradient shards [P §2.5, E.2], when configured."""
@@ -176,12 +262,20 @@ class DistributedPriorTrainer:
         return t.to_local() if hasattr(t, "to_local") else t
 
     def _apply_fsdp(self) -> None:
-        """FSDP2 per resblock, then per stage, over the shard dim: all-gather ahead, reduce-scatter after [P Fig. 5]."""
+        """FSDP2 per resblock, then per stage, over the shard dim: all-gather ahead, reduce-scatter after [P Fig. 5].
+
+        With 16-bit numerics each Linear of a resblock is its own unit whose all-gather is 16-bit (see
+        ``dist_precision``); the LayerNorm gains and biases stay in the resblock's fp32 unit.
+        """
         from torch.distributed.fsdp import fully_shard
 
         shard_mesh = self.mesh["shard"]
+        names = set(self.low_names)
+        low = {id(p) for stage in self.stages for n, p in stage.named_parameters() if n in names}
         for stage in self.stages:
             for block in stage.resblocks.values():
+                for module in low_precision_modules(block, low):
+                    fully_shard(module, mesh=shard_mesh, mp_policy=low_precision_policy(self.dtype))
                 fully_shard(block, mesh=shard_mesh)
             fully_shard(stage, mesh=shard_mesh)
 
@@ -205,12 +299,68 @@ class DistributedPriorTrainer:
 
     # ---- data -----------------------------------------------------------------------------------
 
+    def _build_loader(self) -> ShardLoader | None:
+        """Token shards for this rank's dp coordinate (``data.source=tokens``); None for random batches.
+
+        Only the dp ranks (replicate × shard) split the shards; every pp stage of a replica builds its own loader
+        for the same dp rank, so all stages read the same samples in the same order (each stage reads its own
+        copy of the stream: cheap, since tokens need no decoding, and no broadcast between stages is needed).
+        ``data.batch_size`` is the global batch here; each loader makes batches of batch_size / dp_size.
+        """
+        data, m = self.cfg.data, self.cfg.model
+        if data.source != "tokens":
+            return None
+        PriorTrainer._check_token_grid(self)  # type: ignore[arg-type]  # reads self.cfg only
+        per_rank = dataclasses.replace(data, batch_size=data.batch_size // self.topology.dp_size)
+        tokenizer = build_tokenizer(data, m.text_vocab)
+        return token_loader(
+            per_rank, tokenizer, m.caption_len, m.grid, m.image_vocab, m.text_pad_id,
+            dp_rank=self.dp_rank, dp_size=self.topology.dp_size,
+        )  # fmt: skip
+
+    def _data_file(self, dp_size: int | None = None) -> str:
+        return f"data_dp{self.dp_rank}of{dp_size or self.topology.dp_size}.pt"
+
+    def _load_data_state(self, path: Path) -> None:
+        """Restore this dp rank's cursor; on another dp layout (or loader count) restart the epoch it was in."""
+        assert self.loader is not None
+        file = path / self._data_file()
+        reason = ""
+        if file.is_file():
+            try:
+                self.loader.load_state_dict(torch.load(file, weights_only=True))
+                return
+            except ValueError as err:  # saved with another data.num_workers
+                reason = str(err)
+        saved = [torch.load(f, weights_only=True) for f in sorted(path.glob("data_dp*of*.pt"))]
+        # The shard split depends on dp_size × readers, so old cursors cannot be mapped onto the new readers.
+        # Restarting at the beginning of the earliest epoch any old reader was in skips nothing of that epoch
+        # (some of its samples are seen twice) and keeps the epoch count, hence the shard permutation, moving on.
+        epoch = min((int(c["epoch"]) for st in saved for c in st["cursors"]), default=0)
+        loader = self.loader
+        loader.load_state_dict({
+            "format": 1, "dp_rank": loader.dp_rank, "dp_size": loader.dp_size, "num_readers": loader.num_readers,
+            "cursors": [{"epoch": epoch, "shard_index": 0, "sample_offset": 0}] * loader.num_readers,
+            "next_reader": 0, "skipped": {}, "counted": {},
+        })  # fmt: skip
+        if self.rank == 0:
+            why = reason or (
+                f"the checkpoint's data cursors are for another data-parallel layout ({len(saved)} file(s), this "
+                f"run has dp={self.topology.dp_size})"
+                if saved
+                else "the checkpoint holds no data cursor"
+            )
+            print(f"[dalle_dist] warning: {why}; the token stream restarts at the start of epoch {epoch}", flush=True)
+
     def global_batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The step's global batch; every rank draws it whole and keeps its data-parallel slice."""
         data, m = self.cfg.data, self.cfg.model
         return random_tokens(data.batch_size, m.caption_len, m.text_vocab, m.image_len, m.image_vocab, data.seed, step)
 
     def local_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        if self.loader is not None:
+            batch = self.loader.next_batch()  # this dp rank's share of the global batch
+            return batch["text"].to(self.device), batch["image"].to(self.device)  # (B/dp, Lc), (B/dp, g²)
         text, image = self.global_batch(step)
         per = self.cfg.data.batch_size // self.topology.dp_size
         sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
@@ -255,16 +405,29 @@ class DistributedPriorTrainer:
             if has_last:
                 local_loss = torch.stack([x.detach() for x in losses]).sum() / topo.dp_size
 
-        comm_metrics = self._reduce_replicas()
-        grad_norm = self._clip_(cfg.optim.grad_clip)
-        skipped = not math.isfinite(grad_norm)  # any rank's nonfinite gradient makes the global norm nonfinite
-        if not skipped:
+        comm_metrics: dict[str, float] = {}
+        applied = self._unscale_and_check()  # False on every rank when any resblock overflowed anywhere
+        if applied:
+            comm_metrics = self._reduce_replicas()
+            grad_norm = self._clip_(cfg.optim.grad_clip)
+            applied = math.isfinite(grad_norm)  # any rank's nonfinite gradient makes the global norm nonfinite
+        else:
+            grad_norm = self._grad_norms()  # for the telemetry only: which resblocks were nonfinite, how large
+        if applied:
             self.optimizer.step()  # otherwise skip the parameter and moment update on every rank [P E.2(11)]
+            if self.low_params and not cfg.precision.master_weights:
+                # The single-process trainer computes the update in fp32 and rounds it into the 16-bit weight.
+                round_to_storage_((self._local(p) for p in self.low_params), self.dtype)
+        skipped = not applied
+        numerics = self.scaler.telemetry() if self.scaler is not None else {}
         self.step_num += 1
-        if self.step_num % cfg.optim.ema_every == 0:
-            self._update_ema(cfg.optim.ema_decay)
+        if applied and self.step_num % cfg.optim.ema_every == 0:
+            self._update_ema(cfg.optim.ema_decay)  # a skipped update leaves the average unchanged too
 
-        parts = torch.stack(self._parts).sum(0) if self._parts else torch.zeros(2, device=self.device)
+        # On its first step the pipeline schedule infers shapes by running the loss once on placeholder tensors;
+        # only the last n_microbatches entries are this step's real microbatches.
+        real = self._parts[-cfg.parallel.n_microbatches :] if topo.pp > 1 else self._parts
+        parts = torch.stack(real).sum(0) if real else torch.zeros(2, device=self.device)
         totals = torch.cat([local_loss.reshape(1), parts])  # (3,): loss, text CE, image CE
         dist.all_reduce(totals)  # only last-stage ranks hold losses; their sum is the global-batch value
         loss_value, loss_text, loss_image = (float(x) for x in totals)
@@ -280,9 +443,26 @@ class DistributedPriorTrainer:
             "skipped": float(skipped),
             "step_seconds": seconds,
             **comm_metrics,
+            **numerics,
         }
         metrics.update(throughput(cfg.model, cfg.data.batch_size, seconds, self.world, cfg.train.peak_flops))
         return metrics
+
+    def _unscale_and_check(self) -> bool:
+        """Per-resblock scaling: unscale the local fp32 gradient shards, AND the finite flags over the world.
+
+        Every rank ends with the same flags, so all skip together and their scales stay equal [P D.1, E.2(10)].
+        Returns whether the update may go on (always True without a scaler: then the global norm decides).
+        """
+        if self.scaler is None:
+            return True
+        grads = {k: [g for p in ps if (g := self._local_grad(p)) is not None] for k, ps in self.key_params.items()}
+        flags, filtered = self.scaler.unscale_local_(grads)
+        flags = sync_finite_flags(flags)  # over the whole world: every stage, shard and replica
+        counts = torch.tensor([filtered[k] for k in self.scaler.keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)  # activation-gradient values the filters zeroed, summed over every rank
+        self._filtered_counts = dict(zip(self.scaler.keys, (int(c) for c in counts.tolist())))
+        return self.scaler.update(flags)  # ÷√2 only for the offending resblocks [P D.1]
 
     def _reduce_replicas(self) -> dict[str, float]:
         """Average the gradient shards over the replicate dim: PowerSGD or one fp32 all-reduce."""
@@ -310,16 +490,28 @@ class DistributedPriorTrainer:
         nbytes = float(flat.numel() * flat.element_size())
         return {"comm_bytes": nbytes, "comm_bytes_uncompressed": nbytes}
 
-    def _clip_(self, max_norm: float) -> float:
-        """Global gradient norm over every stage and shard (replicas hold equal copies); clip in place."""
-        sq = torch.zeros((), device=self.device, dtype=torch.float64)
-        for p in self.params:
-            g = self._local_grad(p)
-            if g is not None:
-                sq += g.double().pow(2).sum()
-        sq = sq.reshape(1)
+    def _grad_norms(self) -> float:
+        """Global gradient norm over every stage and shard (replicas hold equal copies).
+
+        The squares are summed per resblock (and for the rest) in one all-reduce, so the per-resblock norms of the
+        unscaled gradients come for free for the scaler's telemetry.
+        """
+        keys = [*self.scaler.keys, REST] if self.scaler is not None else sorted(self.key_params)
+        sq = torch.zeros(len(keys), device=self.device, dtype=torch.float64)
+        for i, key in enumerate(keys):
+            for p in self.key_params.get(key, []):
+                g = self._local_grad(p)
+                if g is not None:
+                    sq[i] += g.double().pow(2).sum()
         dist.all_reduce(sq)
-        norm = math.sqrt(float(sq) / self.topology.replicate)
+        sq /= self.topology.replicate
+        if self.scaler is not None:
+            self.scaler.record(self._filtered_counts, dict(zip(keys, (math.sqrt(v) for v in sq.tolist()))))
+        return math.sqrt(float(sq.sum()))
+
+    def _clip_(self, max_norm: float) -> float:
+        """Global gradient norm (:meth:`_grad_norms`); clip in place at ``max_norm`` [P B.2]."""
+        norm = self._grad_norms()
         coef = max_norm / (norm + 1e-6)  # the formula of torch.nn.utils.clip_grad_norm_
         if max_norm > 0 and math.isfinite(norm) and coef < 1.0:
             for p in self.params:
@@ -343,12 +535,15 @@ class DistributedPriorTrainer:
             "schedule": self.schedule.state_dict(),
             "config": to_dict(self.cfg),
             "topology": self.topology.describe(),
+            "precision": {"grad_scaler": self.scaler.state_dict() if self.scaler is not None else None},
         }
         rank_files: dict[str, Any] = {}
         if self.reducer is not None:
             state = self.reducer.state_dict()  # collective over the replicas: Σ of their error buffers
             if self.rep_rank == 0:
                 rank_files[self._powersgd_file()] = state
+        if self.loader is not None and self.pp_rank == 0:  # every pp stage of a dp rank holds the same cursor
+            rank_files[self._data_file()] = self.loader.state_dict()
         return save_distributed(
             self.cfg.train.out_dir,
             self.step_num,
@@ -373,8 +568,18 @@ class DistributedPriorTrainer:
             raise ValueError(f"{path} is not a prior checkpoint")
         self.step_num = int(trainer_state["step"])
         self.schedule.load_state_dict(trainer_state["schedule"])
+        if self.scaler is not None:
+            saved = (trainer_state.get("precision") or {}).get("grad_scaler")
+            if saved is None:
+                raise ValueError(
+                    f"{path} has no grad-scaler state but this run scales per resblock (precision.dtype=fp16): resume "
+                    "with the checkpoint's precision settings, or start over with --train.resume false"
+                )
+            self.scaler.load_state_dict(saved)  # the same on every rank; M = 1 on every topology
         if rng is not None:
             set_rng_state(rng, {})
+        if self.loader is not None:
+            self._load_data_state(Path(path))
         if self.reducer is not None:
             file = Path(path) / self._powersgd_file()
             if file.is_file():
