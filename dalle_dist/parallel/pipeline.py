@@ -9,6 +9,7 @@ same weights. The paper has no pipeline (spec §4); with pp = 1 this is its sche
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,6 +83,42 @@ def build_stage_modules(
     indices = stage_indices(pp_rank, pp, virtual_stages)
     modules = [PriorStage(model, chunks[i], first=i == 0, last=i == n_stages - 1) for i in indices]
     return modules, indices
+
+
+@dataclass
+class PipelineParts:
+    """This pp rank's stage modules (parameters shared with the model they were cut from) and its schedule."""
+
+    stages: list[PriorStage]
+    stage_ids: list[int]
+    n_stages: int
+    schedule: Any = None
+
+    def build_schedule(
+        self,
+        device: torch.device,
+        group: Any,
+        n_microbatches: int,
+        loss_fn: Callable | None,
+        schedule: str = "1f1b",
+    ) -> Any:
+        """Wrap the (already sharded, materialised) stages in ``PipelineStage`` objects and a schedule."""
+        from torch.distributed.pipelining import PipelineStage
+
+        pipe = [PipelineStage(s, i, self.n_stages, device, group=group) for s, i in zip(self.stages, self.stage_ids)]
+        self.schedule = build_schedule(pipe, n_microbatches, loss_fn, schedule)
+        return self.schedule
+
+
+def apply_pipeline(model: DallePrior, pp_rank: int, pp: int, virtual_stages: int = 1) -> PipelineParts:
+    """Split a (meta-device) prior into pipeline stages by resblocks: embeddings in the first, head and loss in
+    the last; rank ``pp_rank`` keeps stages pp_rank, pp_rank + pp, … (interleaved when virtual_stages > 1).
+
+    Two phases, as torchtitan does: cut here, then materialise / apply numerics and FSDP to ``parts.stages``,
+    then ``parts.build_schedule(...)`` (1F1B, interleaved 1F1B or GPipe over n microbatches).
+    """
+    stages, ids = build_stage_modules(model, pp_rank, pp, virtual_stages)
+    return PipelineParts(stages, ids, pp * virtual_stages)
 
 
 def pack_targets(text_targets: Tensor, image: Tensor) -> Tensor:

@@ -61,18 +61,6 @@ def prepare_stage(stage: nn.Module, cfg: PrecisionConfig) -> PrecisionPolicy:
     return policy
 
 
-def low_precision_modules(block: nn.Module, low_params: set[int]) -> list[nn.Module]:
-    """Submodules of a resblock that directly own a 16-bit parameter (its Linears): one FSDP unit each."""
-    return [m for m in block.modules() if m is not block and any(id(p) in low_params for p in m.parameters(False))]
-
-
-def low_precision_policy(dtype: torch.dtype):  # noqa: ANN201 - torch.distributed.fsdp imported lazily
-    """16-bit all-gather and compute, fp32 reduce-scatter and gradient accumulation; autocast owns the inputs."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-
-
 @torch.no_grad()
 def round_to_storage_(tensors: Iterable[Tensor], dtype: torch.dtype) -> None:
     """Round fp32 tensors to the nearest ``dtype`` value in place: the 16-bit storage without master weights."""

@@ -41,7 +41,8 @@ from ..data.pipeline import ShardLoader, token_loader
 from ..data.random_batches import random_tokens
 from ..data.shards import ShardError, expand_shards
 from ..models.prior import IGNORE_INDEX, DallePrior, init_prior_parameters
-from ..parallel.pipeline import SCHEDULES, build_schedule, build_stage_modules, make_loss_fn, pack_targets
+from ..parallel.fsdp import apply_fsdp
+from ..parallel.pipeline import SCHEDULES, apply_pipeline, make_loss_fn, pack_targets
 from ..parallel.pipeline import PriorStage as PipelineStageModule
 from ..parallel.powersgd import PowerSGDReducer
 from ..parallel.topology import Topology, build_mesh
@@ -51,8 +52,6 @@ from .dist_checkpoint import latest_checkpoint, load_distributed, save_distribut
 from .dist_precision import (
     ShardedAdamW32,
     ShardedResblockGradScaler,
-    low_precision_modules,
-    low_precision_policy,
     prepare_stage,
     round_to_storage_,
 )
@@ -175,15 +174,14 @@ class DistributedPriorTrainer:
         torch.manual_seed(cfg.train.seed)
         with torch.device("meta"):
             self.meta_model = DallePrior(cfg.model)
-        self.stages, self.stage_ids = build_stage_modules(
-            self.meta_model, self.pp_rank, self.topology.pp, par.virtual_stages
-        )
+        self.parts = apply_pipeline(self.meta_model, self.pp_rank, self.topology.pp, par.virtual_stages)
+        self.stages, self.stage_ids = self.parts.stages, self.parts.stage_ids
         for stage in self.stages:
             stage.to_empty(device=self.device)
             init_prior_parameters(stage.named_parameters(), cfg.model, self.meta_model.init_seed)
         self._build_numerics()
         if self.topology.shard > 1:
-            self._apply_fsdp()
+            apply_fsdp(self.stages, self.mesh["shard"], self.low_names, self.dtype)
         self.params = [p for stage in self.stages for p in stage.parameters()]
         self.view = StageView(self.stages)
         self.named = dict(self.view.named_parameters())  # full single-process names → (sharded) parameters
@@ -261,35 +259,11 @@ class DistributedPriorTrainer:
     def _local(t: Tensor) -> Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
-    def _apply_fsdp(self) -> None:
-        """FSDP2 per resblock, then per stage, over the shard dim: all-gather ahead, reduce-scatter after [P Fig. 5].
-
-        With 16-bit numerics each Linear of a resblock is its own unit whose all-gather is 16-bit (see
-        ``dist_precision``); the LayerNorm gains and biases stay in the resblock's fp32 unit.
-        """
-        from torch.distributed.fsdp import fully_shard
-
-        shard_mesh = self.mesh["shard"]
-        names = set(self.low_names)
-        low = {id(p) for stage in self.stages for n, p in stage.named_parameters() if n in names}
-        for stage in self.stages:
-            for block in stage.resblocks.values():
-                for module in low_precision_modules(block, low):
-                    fully_shard(module, mesh=shard_mesh, mp_policy=low_precision_policy(self.dtype))
-                fully_shard(block, mesh=shard_mesh)
-            fully_shard(stage, mesh=shard_mesh)
-
     def _build_pipeline(self) -> None:
-        from torch.distributed.pipelining import PipelineStage
-
-        group = self.mesh["pp"].get_group()
-        pipe = [
-            PipelineStage(stage, idx, self.n_stages, self.device, group=group)
-            for stage, idx in zip(self.stages, self.stage_ids)
-        ]
-        self.pipe_schedule = build_schedule(
-            pipe, self.cfg.parallel.n_microbatches, self._loss, self.cfg.parallel.schedule
-        )
+        self.pipe_schedule = self.parts.build_schedule(
+            self.device, self.mesh["pp"].get_group(), self.cfg.parallel.n_microbatches, self._loss,
+            self.cfg.parallel.schedule,
+        )  # fmt: skip
 
     def _loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
         assert self._counts is not None
