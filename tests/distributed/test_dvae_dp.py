@@ -38,3 +38,19 @@ def test_dvae_data_parallel_resume_and_checkpoint(tmp_path):
 def test_dvae_batch_must_split_over_ranks(tmp_path):
     r = run(2, "--data.batch_size", "3", "--train.steps", "1", "--train.out_dir", str(tmp_path))
     assert r.returncode != 0 and "must divide evenly over 2 processes" in r.stderr
+
+
+def test_dvae_data_parallel_on_shards_resumes_exactly(tmp_path):
+    from dalle_dist.data.shapes import write_shapes
+
+    write_shapes(tmp_path / "data", n=64, shard_size=16, size=64, seed=0)
+    shards = str(tmp_path / "data" / "train-{000000..000003}.tar")
+    data = ["--data.source", "shards", "--data.shards", shards, "--data.batch_size", "4", "--data.shuffle_buffer", "4"]
+    args = [*data, "--train.save_every", "3"]
+    r = run(2, *args, "--train.steps", "6", "--train.out_dir", str(tmp_path / "full"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert run(2, *args, "--train.steps", "3", "--train.out_dir", str(tmp_path / "part")).returncode == 0
+    assert (tmp_path / "part" / "data_rank1of2.pt").is_file()
+    r = run(2, *args, "--train.steps", "6", "--train.out_dir", str(tmp_path / "part"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert losses_by_step(tmp_path / "part") == losses_by_step(tmp_path / "full")
