@@ -98,7 +98,25 @@ class _Filters:
         return None
 
 
-class ImageProcessor:
+class _Processor:
+    """Raw sample → processed sample, or None with the skip reason counted; never raises on data."""
+
+    def _process(self, raw: dict[str, Any], counted: Counter) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, raw: dict[str, Any], skipped: Counter, counted: Counter) -> Any:
+        try:
+            out = self._process(raw, counted)
+        except Exception as err:  # the safety net: training never crashes on data
+            log.warning("unexpected error on sample %r: %r", raw.get("__key__"), err)
+            out = Skip("unexpected_error")
+        if isinstance(out, Skip):
+            skipped[out.reason] += 1
+            return None
+        return out
+
+
+class ImageProcessor(_Processor):
     """Raw image-shard sample → :class:`ImageSample` at side ``resolution``, or a counted skip.
 
     ``mode``: "dvae" (Listing 1), "prior" (Listing 2) or "centre" (deterministic centre crop, pretokenize).
@@ -115,17 +133,6 @@ class ImageProcessor:
         min_side = data.min_image_side or max(1, resolution // 2)
         self.limits = ImageLimits(max_pixels=data.max_image_pixels, min_side=min_side)
         self.filters = _Filters(data)
-
-    def __call__(self, raw: dict[str, Any], skipped: Counter, counted: Counter) -> ImageSample | None:
-        try:
-            out = self._process(raw, counted)
-        except Exception as err:  # the safety net: training never crashes on data
-            log.warning("unexpected error on sample %r: %r", raw.get("__key__"), err)
-            out = Skip("unexpected_error")
-        if isinstance(out, Skip):
-            skipped[out.reason] += 1
-            return None
-        return out
 
     def _process(self, raw: dict[str, Any], counted: Counter) -> ImageSample | Skip:
         caption = decode_caption(raw, self.max_caption_chars)
@@ -167,24 +174,13 @@ def load_codes(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-class TokenProcessor:
+class TokenProcessor(_Processor):
     """Raw token-shard sample → :class:`TokenSample` (caption ids, dVAE codes), or a counted skip."""
 
     def __init__(self, data: DataConfig, tokenizer: Tokenizer, caption_len: int, grid: int, image_vocab: int) -> None:
         self.tokenizer, self.caption_len, self.grid, self.image_vocab = tokenizer, caption_len, grid, image_vocab
         self.max_caption_chars = data.max_caption_chars
         self.filters = _Filters(data)
-
-    def __call__(self, raw: dict[str, Any], skipped: Counter, counted: Counter) -> TokenSample | None:
-        try:
-            out = self._process(raw, counted)
-        except Exception as err:
-            log.warning("unexpected error on sample %r: %r", raw.get("__key__"), err)
-            out = Skip("unexpected_error")
-        if isinstance(out, Skip):
-            skipped[out.reason] += 1
-            return None
-        return out
 
     def _process(self, raw: dict[str, Any], counted: Counter) -> TokenSample | Skip:
         caption = decode_caption(raw, self.max_caption_chars)
