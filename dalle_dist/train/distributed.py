@@ -179,11 +179,11 @@ class DistributedPriorTrainer:
         for stage in self.stages:
             stage.to_empty(device=self.device)
             init_prior_parameters(stage.named_parameters(), cfg.model, self.meta_model.init_seed)
+        self.view = StageView(self.stages)  # references only: stays valid through FSDP's in-place wrapping
         self._build_numerics()
         if self.topology.shard > 1:
             apply_fsdp(self.stages, self.mesh["shard"], self.low_names, self.dtype)
         self.params = [p for stage in self.stages for p in stage.parameters()]
-        self.view = StageView(self.stages)
         self.named = dict(self.view.named_parameters())  # full single-process names → (sharded) parameters
         self.key_params = self._params_by_key()
         # 16-bit parameters (fp32 storage, see dist_precision): rounded back to the 16-bit grid after each update.
@@ -218,8 +218,8 @@ class DistributedPriorTrainer:
             # a per-replica mean; the paper's M·2^13 with a loss over the global batch is the same 2^13 × that
             # gradient [P D.1, D.3]. The scales then do not depend on the topology, and resume on any layout.
             self.scaler = ShardedResblockGradScaler(list(self.meta_model.resblocks), prec, replicas=1)
-            self.scaler.attach_local(StageView(self.stages).resblocks)
-        fault = install_faults(StageView(self.stages).resblocks, self.rank, lambda: self.step_num + 1)
+            self.scaler.attach_local(self.view.resblocks)
+        fault = install_faults(self.view.resblocks, self.rank, lambda: self.step_num + 1)
         if fault is not None:
             print(f"[dalle_dist] test fault injection: {fault}", flush=True)
 
