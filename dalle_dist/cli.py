@@ -120,7 +120,11 @@ def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"export takes no overrides, got {extra}")
     from .train.export import export
 
-    out = export(args.out, args.prior, args.dvae, args.tokenizer, use_ema=not args.no_ema)
+    try:
+        out = export(args.out, args.prior, args.dvae, args.tokenizer, use_ema=not args.no_ema, reranker=args.reranker)
+    except FileNotFoundError as err:  # a path the user typed: name it without a traceback
+        print(f"dalle-dist export: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"export": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
@@ -227,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", required=True, help="prior checkpoint: checkpoint.pt, checkpoints/step_N, or run dir")
     p.add_argument("--dvae", help="dVAE checkpoint.pt (from train-dvae), bundled for decoding images")
     p.add_argument("--tokenizer", help="BPE tokenizer JSON to copy alongside")
+    p.add_argument(
+        "--reranker", help="reranker directory (dalle-dist train-reranker) copied to OUT/reranker for generate --rerank"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.set_defaults(run=_cmd_export)
@@ -242,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(run=_cmd_generate)
 
+    from .eval.cli import register as register_eval_command
+
+    register_eval_command(sub)
+    from .rerank.cli import register as register_rerank_command
+
+    register_rerank_command(sub)
+    from .demo.cli import register as register_demo_command
+
+    register_demo_command(sub)
     from .data.commands import register as register_data_commands
 
     register_data_commands(sub)

@@ -3,7 +3,9 @@
 Reads an export directory (``dalle-dist export``): the prior, the dVAE decoder and, when present, the BPE
 tokenizer. Samples at temperature 1 without top-k by default, as the paper does [P §2.6]; ``--prime IMAGE
 --prime-rows R`` gives the top R rows of an image's tokens, as in the paper's image-to-image experiments [P §3.3].
-Reranking (``--rerank``) arrives with the contrastive reranker.
+``--rerank K`` keeps the best K of the N samples per caption by text-image similarity, as the paper keeps the
+best 32 of 512 by CLIP score [P §2.6]; the scorer is ``--reranker DIR`` (``dalle-dist train-reranker``), by
+default ``CHECKPOINT/reranker``, or a local open_clip checkpoint (``--clip PATH --clip-arch NAME``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from PIL import Image
 
 from ..data.text import ByteTokenizer, pad_batch
-from ..train.export import TOKENIZER, load_export
+from ..rerank.clip import DEFAULT_ARCH
+from ..rerank.scorer import Scorer, rank
+from ..train.export import RERANKER, TOKENIZER, load_export
 from .generate import generate_images
 
 
@@ -34,6 +38,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", required=True, help="output directory for the PNGs and grid.png")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="keep the best K of the --n samples per caption by reranker score [P §2.6]: grid.png shows the K "
+        "best in rank order, grid_all.png all N; every PNG is still written and index.json gains score, rank, "
+        "selected",
+    )
+    p.add_argument(
+        "--reranker",
+        metavar="DIR",
+        help="reranker directory (dalle-dist train-reranker); default: CHECKPOINT/reranker (export --reranker)",
+    )
+    p.add_argument(
+        "--clip", metavar="PATH", help="rerank with a local open_clip checkpoint (pip install open_clip_torch)"
+    )
+    p.add_argument(
+        "--clip-arch", default=DEFAULT_ARCH, help=f"open_clip architecture of --clip (default {DEFAULT_ARCH})"
+    )
 
 
 def grid_image(images: np.ndarray, rows: int) -> Image.Image:
@@ -47,11 +70,32 @@ def grid_image(images: np.ndarray, rows: int) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def _scorer(args: argparse.Namespace, device: torch.device) -> Scorer | None:
+    """The reranker for --rerank K (None without it); errors are the user's to fix, so they exit with a message."""
+    if args.rerank is None:
+        if args.reranker is not None or args.clip is not None:
+            raise SystemExit("dalle-dist generate: --reranker / --clip choose the model for --rerank K: add --rerank")
+        return None
+    if not 1 <= args.rerank <= args.n:
+        raise SystemExit(
+            f"dalle-dist generate: --rerank K keeps K of the --n {args.n} samples: need 1 <= K <= {args.n}"
+        )
+    from ..rerank.scorer import load_scorer
+
+    try:
+        scorer, _ = load_scorer(reranker=args.reranker, clip=args.clip, clip_arch=args.clip_arch,
+                                default_dir=Path(args.checkpoint) / RERANKER, device=device)  # fmt: skip
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        raise SystemExit(f"dalle-dist generate: {err}") from err
+    return scorer
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or args.prime_rows < 0:
         raise SystemExit("dalle-dist generate: --n and --batch-size must be >= 1, --prime-rows >= 0")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    scorer = _scorer(args, device)  # before sampling: a bad --rerank fails in a second, not after the samples
     prior, dvae, config = load_export(args.checkpoint, device=device)
     if dvae is None:
         raise SystemExit(f"{args.checkpoint} has no dVAE: export with --dvae to decode images")
@@ -74,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    rows, index = [], []
+    rows, rows_all, index = [], [], []
     for ci, caption in enumerate(args.text):
         ids = pad_batch([tokenizer.encode(caption, cfg.caption_len)], cfg.caption_len).to(device)  # (1, Lc)
         images = []
@@ -86,13 +130,28 @@ def run(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 pix = dvae.decode_codes(codes.view(b, cfg.grid, cfg.grid))  # (b, 3, H, W) in [0, 1]
             images.append((pix.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-        batch = np.concatenate(images)
+        batch = np.concatenate(images)  # (N, H, W, 3) uint8
+        entries = []
         for i, im in enumerate(batch):
             path = out / f"caption{ci:02d}_{i:03d}.png"
             Image.fromarray(im).save(path)
-            index.append({"caption": caption, "file": path.name})
-        rows.append(batch)
+            entries.append({"caption": caption, "file": path.name})
+        if scorer is None:
+            rows.append(batch)
+        else:
+            scores = scorer.score(batch, [caption])  # (N,) cosine similarity with the caption
+            ranks = rank(scores)  # (N,): 0 = best
+            for e, s, r in zip(entries, scores.tolist(), ranks.tolist()):
+                e.update(score=round(s, 6), rank=r, selected=r < args.rerank)
+            order = torch.argsort(ranks).numpy()  # (N,): sample indices, best first
+            rows.append(batch[order[: args.rerank]])  # (K, H, W, 3)
+            rows_all.append(batch[order])  # (N, H, W, 3)
+        index.extend(entries)
     grid_image(np.concatenate(rows), rows=len(args.text)).save(out / "grid.png")
+    summary = {"out": str(out), "images": len(index), "grid": "grid.png", "captions": len(args.text)}
+    if scorer is not None:
+        grid_image(np.concatenate(rows_all), rows=len(args.text)).save(out / "grid_all.png")
+        summary.update(rerank=args.rerank, grid_all="grid_all.png")
     (out / "index.json").write_text(json.dumps(index, indent=2))
-    print(json.dumps({"out": str(out), "images": len(index), "grid": "grid.png", "captions": len(args.text)}))
+    print(json.dumps(summary))
     return 0

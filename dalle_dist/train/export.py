@@ -5,6 +5,7 @@
     DIR/model.safetensors   tensors "prior.<name>" and "dvae.<name>" (EMA weights by default [P A.2, B.2])
     DIR/config.json         {"prior": <PriorRunConfig>, "dvae": <DVAERunConfig>, "source": {...}}
     DIR/tokenizer.json      copied when given
+    DIR/reranker/           a copy of a ``dalle-dist train-reranker`` directory, when given (generate --rerank)
 
 Loading (:func:`load_export`) reads JSON and safetensors only: nothing is unpickled, so an export from an
 untrusted source cannot run code. A prior checkpoint may be a single-process ``checkpoint.pt`` or a distributed
@@ -30,6 +31,7 @@ from .dist_checkpoint import latest_checkpoint
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+RERANKER = "reranker"  # subdirectory generate --rerank looks in by default
 
 
 def _from_trainer_checkpoint(path: Path, stage: str, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,7 +84,14 @@ def export(
     dvae: str | Path | None = None,
     tokenizer: str | Path | None = None,
     use_ema: bool = True,
+    reranker: str | Path | None = None,
 ) -> Path:
+    if reranker is not None:  # checked before the (possibly long) read of the prior
+        from ..rerank.train import CONFIG as RERANKER_CONFIG
+        from ..rerank.train import WEIGHTS as RERANKER_WEIGHTS
+
+        if not (Path(reranker) / RERANKER_WEIGHTS).is_file() or not (Path(reranker) / RERANKER_CONFIG).is_file():
+            raise FileNotFoundError(f"{str(reranker)!r} is not a reranker directory (dalle-dist train-reranker --out)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prior_w, prior_cfg = read_prior_weights(prior, use_ema)
@@ -96,6 +105,9 @@ def export(
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / TOKENIZER)
         config["source"]["tokenizer"] = str(tokenizer)
+    if reranker is not None:
+        shutil.copytree(reranker, out / RERANKER, dirs_exist_ok=True)
+        config["source"]["reranker"] = str(reranker)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "dalle_dist"})
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return out
