@@ -6,12 +6,13 @@ STAMP   := $(VENV)/.installed
 # Device for smoke runs: cuda when a GPU is visible, else cpu.
 DEVICE  ?= auto
 
-.PHONY: help install test test-small lint format plan bench-powersgd bench-data clean
+.PHONY: help install test test-small demo lint format plan bench-powersgd bench-data clean
 
 help:
 	@echo "make install     create $(VENV) with torch==2.13.0 and dalle_dist (editable)"
 	@echo "make test        install if needed, lint, run the tests"
 	@echo "make test-small  a few real training steps of each stage on the tiny config (GPU if present)"
+	@echo "make demo        the whole pipeline on the synthetic set on CPU (~12 min) -> runs/demo/report.md"
 	@echo "make plan        parameter/memory plan of the 12B prior and the openai dVAE"
 	@echo "make lint        ruff check + format check + hadolint"
 	@echo "make bench-powersgd / bench-data   benchmarks (one JSON object each)"
@@ -44,6 +45,11 @@ test-small: $(STAMP)
 		--train.device $(DEVICE) --train.resume false --train.out_dir runs/test-small/dvae
 	$(BIN)/dalle-dist train-prior --config configs/prior/tiny.yaml --train.steps 5 --train.log_every 1 \
 		--train.device $(DEVICE) --train.resume false --train.out_dir runs/test-small/prior
+
+# Data → tokenizer → dVAE → prior (torchrun, 2 gloo processes) → samples → reranking → eval → report.
+# Continues a previous runs/demo; DEMO_ARGS=--fresh starts over.
+demo: $(STAMP)
+	$(BIN)/dalle-dist demo --out runs/demo $(DEMO_ARGS)
 
 bench-powersgd: $(STAMP)
 	$(BIN)/python benchmarks/powersgd.py
