@@ -225,7 +225,7 @@ def _markdown(summary: dict[str, Any], samples: dict[str, Any], settings: Any) -
         "",
         "## dVAE reconstructions",
         "",
-        f"Top: held-out images; bottom: decoded from their {settings.device} argmax codes "
+        "Top: held-out images; bottom: decoded from their argmax codes "
         f"({d['codes_used']} of {d['vocab_size']} codes used on these images).",
         "",
         "![reconstructions](figures/dvae_reconstructions.png)",

@@ -6,6 +6,7 @@ the network input is 75×75 (its smallest) instead of 299×299; the 299 path is 
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,25 @@ def test_small_sample_fid_equals_the_covariance_formula(n1, n2):
     b = rng.normal(loc=0.3, size=(n2, 16)) @ rng.normal(size=(16, 16))
     assert fid_of_features(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-7)
     assert fid_of_features(a, a) == pytest.approx(0.0, abs=1e-9 * np.sum(a * a))
+
+
+def test_selected_only_judges_the_reranked_samples(sets, capsys, tmp_path):
+    """--selected-only keeps the index.json entries generate --rerank marked selected, and refuses a directory
+    whose index has no such marks."""
+    root = tmp_path / "mixed"
+    shutil.copytree(sets["wrong"], root)
+    index = json.loads((root / "index.json").read_text())
+    truth = json.loads((Path(sets["gen"]) / "index.json").read_text())
+    index[0]["caption"] = truth[0]["caption"]  # only sample 0 is captioned right
+    for i, e in enumerate(index):
+        e["selected"] = i == 0
+    (root / "index.json").write_text(json.dumps(index))
+    every = _eval(capsys, "--generated", str(root), "--judge")["judge"]
+    kept = _eval(capsys, "--generated", str(root), "--judge", "--selected-only")["judge"]
+    assert every["n"] == N and kept["n"] == 1
+    assert kept["caption_match"] == 1.0 > every["caption_match"]
+    for e in index:
+        del e["selected"]
+    (root / "index.json").write_text(json.dumps(index))
+    assert main(["eval", "--generated", str(root), "--judge", "--selected-only"]) == 2
+    assert "--rerank" in capsys.readouterr().err
