@@ -182,7 +182,7 @@ def write_report(settings: Any, timings: dict[str, float], steps_seconds: float)
     summary: dict[str, Any] = {
         "dvae": {**dvae, "final_loss": curves["dvae"][-1].get("loss") if curves["dvae"] else None},
         "prior": prior,
-        "reranker": json.loads(reranker_info.read_text()).get("summary", {}) if reranker_info.is_file() else {},
+        "reranker": json.loads(reranker_info.read_text()).get("metrics", {}) if reranker_info.is_file() else {},
         "samples": {"n_per_caption": settings.n_samples, "rerank_k": settings.rerank_k},
         "timings": timings,
         "seconds": round(sum(timings.values()), 1),
