@@ -7,9 +7,8 @@ caption names them) that the synthetic set's judge finds in an image (:func:`dal
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _shard_images(shards: list[Path], n: int) -> tuple[np.ndarray, list[str]]:
-    """The first n (image, caption) pairs of tar shards, in tar order."""
+    """The first n decodable (image, caption) pairs of tar shards, in tar order (the project's shard reader)."""
+    from ..data.decode import Skip, decode_image, image_bytes
+    from ..data.shards import read_shard
+
     images, captions = [], []
+    skipped: Counter = Counter()
     for shard in shards:
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for info in tar.getmembers():
-                if info.isfile() and "." in info.name:
-                    key, ext = info.name.split(".", 1)
-                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
-        for parts in members.values():
-            if "png" in parts and "txt" in parts:
-                images.append(np.asarray(Image.open(io.BytesIO(parts["png"])).convert("RGB")))
-                captions.append(parts["txt"].decode())
+        for sample in read_shard(str(shard), skipped):
+            data = image_bytes(sample)
+            img = data if isinstance(data, Skip) else decode_image(data)
+            if isinstance(img, Skip) or "txt" not in sample:
+                continue
+            images.append(img)
+            captions.append(sample["txt"].decode())
             if len(images) == n:
                 return np.stack(images), captions
     return np.stack(images), captions
