@@ -181,6 +181,28 @@ class DVAEOptimConfig:
     ema_decay: float = 0.999  # iterate averaging [P A.2]
     ema_every: int = 1  # EMA update period in steps
     grad_clip: float = 0.0  # global-norm clip; 0 disables (the paper names none for the dVAE)
+    # The objective: the paper's by default. The two departures exist for minute-long runs on the synthetic set,
+    # where the logit-Laplace's learned scale shrinks without bound on the exactly-black background and the
+    # codes collapse (docs/dvae.md, "Objective options"; configs/demo/dvae.yaml).
+    likelihood: str = "logit_laplace"  # "logit_laplace" [P A.3] | "gaussian" (fixed σ on the mapped pixels)
+    gaussian_sigma: float = 0.1  # σ of the "gaussian" likelihood, in mapped-pixel units
+    usage_entropy_weight: float = 0.0  # bonus on the entropy of the batch-mean code distribution; 0 = paper
+
+    def validate(self) -> None:
+        if self.likelihood not in DVAE_LIKELIHOODS:
+            raise ConfigError(
+                f"optim.likelihood={self.likelihood!r}{_suggest(self.likelihood, DVAE_LIKELIHOODS)}: choose one of "
+                f"{list(DVAE_LIKELIHOODS)} (logit_laplace is the paper's [P A.3])"
+            )
+        if not self.gaussian_sigma > 0:
+            raise ConfigError(f"optim.gaussian_sigma={self.gaussian_sigma} must be > 0 (0.1 is a good start)")
+        if not self.usage_entropy_weight >= 0:
+            raise ConfigError(
+                f"optim.usage_entropy_weight={self.usage_entropy_weight} must be >= 0 (0 disables it, as in the paper)"
+            )
+
+
+DVAE_LIKELIHOODS: tuple[str, ...] = ("logit_laplace", "gaussian")
 
 
 @dataclass
@@ -322,6 +344,7 @@ class DVAERunConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.optim.validate()
         self.precision.validate()
         _validate_common(self.data, self.train)
 

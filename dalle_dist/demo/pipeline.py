@@ -131,6 +131,11 @@ def build_steps(s: DemoSettings) -> list[Step]:
                 train_shards,
                 "--train.steps",
                 str(s.dvae_steps),
+                # τ and lr follow the run's length, so --dvae-steps N still ends at τ = 1/16 [P A.2]
+                "--optim.temp_steps",
+                str(s.dvae_steps),
+                "--optim.lr_steps",
+                str(s.dvae_steps),
                 "--train.out_dir",
                 str(dvae),
                 "--train.device",

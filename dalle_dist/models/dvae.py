@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_dist.config import DVAEModelConfig
+from dalle_dist.config import DVAE_LIKELIHOODS, DVAEModelConfig, DVAEOptimConfig
 
 LOGIT_LAPLACE_EPS = 0.1  # ε of the pixel map φ [P A.3]; `logit_laplace_eps` in [C utils.py]
 
@@ -231,6 +232,11 @@ def logit_laplace_log_prob(x: Tensor, mu: Tensor, log_b: Tensor) -> Tensor:
     return -math.log(2.0) - log_b - log_x - log_1mx - torch.abs(logit_x - mu) * torch.exp(-log_b)
 
 
+def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: float) -> Tensor:
+    """Elementwise log N(x | mean, σ²) with a fixed σ; x and mean in the same (mapped-pixel) units."""
+    return -0.5 * ((x - mean) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
 def kl_to_uniform(logits: Tensor, dim: int = 1) -> Tensor:
     """KL(softmax(logits) ‖ Uniform(K)) = Σ q log q + log K, per position (``dim`` reduced) [P §2.1].
 
@@ -255,6 +261,47 @@ def gumbel_softmax_relaxation(
     u = u.clamp(min=finfo.tiny, max=1.0 - finfo.eps)
     gumbel = -torch.log(-torch.log(u))
     return F.softmax((logits.float() + gumbel) / tau, dim=dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DVAEObjective:
+    """What the relaxed ELB is made of. The defaults are the paper's [P §2.1, A.2, A.3].
+
+    Two departures, off by default, make minute-long CPU runs on the synthetic shapes work (docs/dvae.md, "Objective
+    options"), where the paper's objective collapses to a few codes that carry no colour:
+
+    - ``likelihood="gaussian"``: log N(φ(x) | sigmoid(μ), σ²) with a fixed σ instead of the logit-Laplace. On images
+      whose background is one exact value, the logit-Laplace's learned scale b shrinks there without bound, that
+      term dominates the gradient, and the objects' colour, a median under an L1-type loss, comes out black.
+    - ``usage_entropy_weight > 0``: subtracts w · H(q̄), q̄ the batch- and position-mean of the encoder's softmax,
+      as wav2vec 2.0's codebook diversity loss does. The paper's per-position KL to uniform cannot stop every
+      position choosing the same confident code; this term can.
+    """
+
+    likelihood: str = "logit_laplace"
+    gaussian_sigma: float = 0.1
+    usage_entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.likelihood not in DVAE_LIKELIHOODS:
+            raise ValueError(f"likelihood={self.likelihood!r}: choose one of {list(DVAE_LIKELIHOODS)}")
+        if not self.gaussian_sigma > 0 or not self.usage_entropy_weight >= 0:
+            raise ValueError(
+                f"gaussian_sigma={self.gaussian_sigma} must be > 0 and usage_entropy_weight="
+                f"{self.usage_entropy_weight} >= 0"
+            )
+
+    @classmethod
+    def from_optim(cls, optim: DVAEOptimConfig) -> DVAEObjective:
+        return cls(optim.likelihood, optim.gaussian_sigma, optim.usage_entropy_weight)
+
+
+PAPER_OBJECTIVE = DVAEObjective()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,13 +335,19 @@ class DiscreteVAE(nn.Module):
         _check_float_4d(x01, self.cfg.input_channels, "DiscreteVAE")
 
     def forward(
-        self, x01: Tensor, temperature: float, kl_weight: float, generator: torch.Generator | None = None
+        self,
+        x01: Tensor,
+        temperature: float,
+        kl_weight: float,
+        generator: torch.Generator | None = None,
+        objective: DVAEObjective = PAPER_OBJECTIVE,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Relaxed ELB loss on images ``x01`` in [0, 1], (B, C, H, W); returns (loss, detached metrics).
 
         loss = mean over batch of (−Σ_pixels,channels log p(x|z) + β · Σ_positions KL(q ‖ U)) / (H·W·C), which makes
         the effective KL weight β/192 at 256 px with a 32×32 grid [P A.2]. The likelihood is evaluated at φ(x); the
-        Jacobian of φ is a constant and is left out.
+        Jacobian of φ is a constant and is left out. ``objective`` may swap the likelihood or add a code-usage
+        entropy bonus (see :class:`DVAEObjective`); the default is the paper's.
         """
         self._check_images(x01)
         B, C, H, W = x01.shape
@@ -304,10 +357,17 @@ class DiscreteVAE(nn.Module):
         z = gumbel_softmax_relaxation(logits, temperature, generator=generator)  # (B, vocab, g, g)
         stats = self.decoder(z)  # (B, 2C, H, W), fp32
         mu, log_b = stats[:, :C], stats[:, C:]  # (B, C, H, W) each [P A.3]
-        log_p = logit_laplace_log_prob(x, mu, log_b).sum(dim=(1, 2, 3))  # (B,)
+        if objective.likelihood == "logit_laplace":
+            log_p = logit_laplace_log_prob(x, mu, log_b).sum(dim=(1, 2, 3))  # (B,)
+        else:  # "gaussian": the ln b channels are left unused
+            log_p = gaussian_log_prob(x, torch.sigmoid(mu), objective.gaussian_sigma).sum(dim=(1, 2, 3))  # (B,)
         # KL of the encoder's categorical itself, not of the relaxed sample, at every temperature [I#26].
         kl = kl_to_uniform(logits, dim=1)  # (B, g, g)
         loss = ((-log_p + kl_weight * kl.sum(dim=(1, 2))) / dims).mean()
+        q_mean = F.softmax(logits, dim=1).mean(dim=(0, 2, 3))  # (vocab,) batch- and position-mean of q
+        usage_entropy = -(q_mean * torch.log(q_mean.clamp_min(torch.finfo(q_mean.dtype).tiny))).sum()
+        if objective.usage_entropy_weight > 0:
+            loss = loss - objective.usage_entropy_weight * usage_entropy
 
         with torch.no_grad():
             recon = unmap_pixels(torch.sigmoid(mu))  # (B, C, H, W) in [0, 1]; ln b ignored [P A.3]
@@ -315,6 +375,7 @@ class DiscreteVAE(nn.Module):
                 "loss": loss.detach(),
                 "nll": (-log_p / dims).mean(),
                 "kl": kl.mean(),
+                "usage_entropy": usage_entropy.detach(),
                 "recon_mse": F.mse_loss(recon, x01.float()),
                 "codebook_usage": torch.tensor(float(logits.argmax(dim=1).unique().numel()), device=logits.device),
             }

@@ -13,7 +13,7 @@ from ..data.folder import EpochSampler, read_folder
 from ..data.pipeline import ShardLoader, image_loader, token_loader
 from ..data.random_batches import random_images, random_tokens
 from ..data.text import ByteTokenizer, pad_batch
-from ..models.dvae import DiscreteVAE
+from ..models.dvae import DiscreteVAE, DVAEObjective
 from ..models.prior import DallePrior
 from .checkpoint import load_checkpoint
 from .schedules import DVAESchedules, PlateauHalvingLR
@@ -66,6 +66,7 @@ class DVAETrainer(Trainer):
             temperature=self.schedules.temperature_at(s),
             kl_weight=self.schedules.kl_weight_at(s),
             generator=self.generators["gumbel"],
+            objective=DVAEObjective.from_optim(self.cfg.optim),
         )
         metrics = dict(metrics)
         metrics["temperature"] = torch.tensor(self.schedules.temperature_at(s))

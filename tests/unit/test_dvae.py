@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
-from dalle_dist.config import DVAEModelConfig, model_config
+from dalle_dist.config import ConfigError, DVAEModelConfig, build_config, model_config
 from dalle_dist.models.dvae import (
     Conv2d,
     Decoder,
     DecoderBlock,
     DiscreteVAE,
+    DVAEObjective,
     Encoder,
     EncoderBlock,
+    gaussian_log_prob,
     gumbel_softmax_relaxation,
     kl_to_uniform,
     logit_laplace_log_prob,
@@ -249,7 +251,7 @@ def test_loss_normalization_beta_over_192() -> None:
     expected = m["nll"] + kl_weight * m["kl"] / dims_per_token
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m["loss"], loss.detach())
-    assert set(m) == {"loss", "nll", "kl", "recon_mse", "codebook_usage"}
+    assert set(m) == {"loss", "nll", "kl", "usage_entropy", "recon_mse", "codebook_usage"}
     assert all(not v.requires_grad and v.ndim == 0 for v in m.values())
     assert 1 <= m["codebook_usage"].item() <= 3 * cfg.grid**2
     # Same generator seed → same loss.
@@ -286,3 +288,81 @@ def test_loss_decreases_on_tiny_batch() -> None:
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.3, losses
     assert mses[-1] < mses[0], mses
+
+
+# --------------------------------------------------------------------------------------------------
+# Objective options (off by default): Gaussian likelihood, code-usage entropy bonus
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gaussian_log_prob_is_the_normal_density() -> None:
+    x = torch.tensor([0.1, 0.5, 0.9])
+    mean = torch.tensor([0.2, 0.5, 0.3])
+    for sigma in (0.1, 0.5):
+        expected = torch.distributions.Normal(mean, sigma).log_prob(x)
+        torch.testing.assert_close(gaussian_log_prob(x, mean, sigma), expected)
+
+
+def _loss_parts(model: DiscreteVAE, x: torch.Tensor, objective: DVAEObjective) -> tuple[torch.Tensor, dict]:
+    return model(x, temperature=0.5, kl_weight=2.0, generator=torch.Generator().manual_seed(3), objective=objective)
+
+
+def test_gaussian_objective_matches_hand_computation_and_ignores_log_b() -> None:
+    torch.manual_seed(0)
+    model = DiscreteVAE(_tiny())
+    x = _structured_batch()
+    loss, m = _loss_parts(model, x, DVAEObjective(likelihood="gaussian", gaussian_sigma=0.2))
+    # The same relaxed sample by hand: same generator seed, same draws.
+    xm = map_pixels(x)
+    logits = model.encoder(xm)
+    z = gumbel_softmax_relaxation(logits, 0.5, generator=torch.Generator().manual_seed(3))
+    mu = model.decoder(z)[:, :3]
+    nll = -gaussian_log_prob(xm, torch.sigmoid(mu), 0.2).sum(dim=(1, 2, 3)) / (3 * 64 * 64)
+    kl = kl_to_uniform(logits).sum(dim=(1, 2)) / (3 * 64 * 64)
+    torch.testing.assert_close(loss, (nll + 2.0 * kl).mean())
+    torch.testing.assert_close(m["nll"], nll.mean().detach())
+    loss.backward()
+    out_w = model.decoder.blocks.output.conv.w.grad  # (2C, n_hid, 1, 1): rows C.. emit ln b
+    assert out_w[:3].abs().sum() > 0
+    assert torch.count_nonzero(out_w[3:]) == 0  # the Gaussian has a fixed σ: the ln b channels get no gradient
+
+
+def test_usage_entropy_bonus_is_subtracted_and_measured() -> None:
+    torch.manual_seed(0)
+    model = DiscreteVAE(_tiny())
+    x = _structured_batch()
+    base, m0 = _loss_parts(model, x, DVAEObjective())
+    with_bonus, m1 = _loss_parts(model, x, DVAEObjective(usage_entropy_weight=0.5))
+    q_mean = torch.softmax(model.encoder(map_pixels(x)), dim=1).mean(dim=(0, 2, 3))  # (vocab,)
+    entropy = -(q_mean * q_mean.log()).sum()
+    torch.testing.assert_close(m0["usage_entropy"], entropy.detach())
+    assert 0 < entropy.item() <= math.log(_tiny().vocab_size) + 1e-5
+    torch.testing.assert_close(with_bonus, base - 0.5 * entropy)
+    # The bonus pushes the batch-mean code distribution towards uniform: its gradient raises the entropy.
+    model.zero_grad()
+    (-entropy).backward()
+    logits_before = model.encoder(map_pixels(x)).detach()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    q_after = torch.softmax(model.encoder(map_pixels(x)), dim=1).mean(dim=(0, 2, 3))
+    assert -(q_after * q_after.log()).sum() > entropy.detach()
+    assert not torch.equal(logits_before, model.encoder(map_pixels(x)))
+
+
+def test_objective_validation() -> None:
+    assert DVAEObjective() == DVAEObjective("logit_laplace", 0.1, 0.0)  # the paper's objective is the default
+    with pytest.raises(ValueError, match="choose one of"):
+        DVAEObjective(likelihood="laplace")
+    with pytest.raises(ValueError, match="gaussian_sigma"):
+        DVAEObjective(gaussian_sigma=0.0)
+    with pytest.raises(ValueError, match="usage_entropy_weight"):
+        DVAEObjective(usage_entropy_weight=-1.0)
+    with pytest.raises(ConfigError, match="did you mean 'gaussian'"):
+        build_config("dvae", overrides={"optim.likelihood": "gausian"})
+    with pytest.raises(ConfigError, match="usage_entropy_weight"):
+        build_config("dvae", overrides={"optim.usage_entropy_weight": -0.1})
+    cfg = build_config("dvae", overrides={"optim.likelihood": "gaussian", "optim.usage_entropy_weight": 0.5})
+    assert DVAEObjective.from_optim(cfg.optim) == DVAEObjective("gaussian", 0.1, 0.5)
+    assert DVAEObjective.from_optim(build_config("dvae").optim) == DVAEObjective()
