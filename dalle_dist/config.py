@@ -221,6 +221,21 @@ class PriorOptimConfig:
     plateau_min_delta: float = 1e-3  # relative improvement that counts as progress
     ema_decay: float = 0.99  # [P B.2]
     ema_every: int = 25  # [P B.2]
+    # Optional cosine decay after warmup, for runs too short to plateau (the demo's). 0 = off, the paper's rule:
+    # the paper only halves on plateaus [P B.2]; the halvings still apply on top of the cosine when it is on.
+    lr_steps: int = 0  # the cosine reaches lr_final at this step and holds it after
+    lr_final: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr_steps < 0:
+            raise ConfigError(f"optim.lr_steps={self.lr_steps} must be >= 0 (0 keeps the paper's plateau halving only)")
+        if self.lr_steps and self.lr_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"optim.lr_steps={self.lr_steps} must be greater than optim.warmup_steps={self.warmup_steps}: the "
+                "cosine decay starts where warmup ends (e.g. set optim.lr_steps to train.steps)"
+            )
+        if not 0 <= self.lr_final <= self.lr:
+            raise ConfigError(f"optim.lr_final={self.lr_final} must lie in [0, optim.lr={self.lr}]")
 
 
 @dataclass
@@ -361,6 +376,7 @@ class PriorRunConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.optim.validate()
         self.precision.validate()
         self.comm.validate()
         _validate_common(self.data, self.train)

@@ -155,9 +155,7 @@ class DistributedPriorTrainer:
         self.cfg = cfg
         self.topology = validate_parallel(cfg)
         o = cfg.optim
-        self.schedule = PlateauHalvingLR(
-            o.lr, o.warmup_steps, o.max_halvings, o.plateau_patience, o.plateau_smoothing, o.plateau_min_delta
-        )
+        self.schedule = PlateauHalvingLR.from_config(o)
         self.step_num = 0
 
     # ---- build ----------------------------------------------------------------------------------

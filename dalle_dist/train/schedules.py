@@ -65,6 +65,10 @@ class PlateauHalvingLR:
 
     The paper halved by hand "whenever the training loss appears to plateau", five times in 430k updates.
     Here a plateau is ``patience`` steps with no new best smoothed loss (relative ``min_delta``).
+
+    With ``decay_steps > 0`` the LR also follows a half-cosine from ``lr`` at the end of warmup to ``lr_final`` at
+    ``decay_steps`` (not the paper's: for runs that end long before any plateau, like the demo's); halvings
+    multiply it.
     """
 
     def __init__(
@@ -75,8 +79,14 @@ class PlateauHalvingLR:
         patience: int = 2000,
         smoothing: float = 0.99,
         min_delta: float = 1e-3,
+        decay_steps: int = 0,
+        lr_final: float = 0.0,
     ) -> None:
+        if decay_steps and decay_steps <= warmup_steps:
+            raise ValueError(f"decay_steps={decay_steps} must exceed warmup_steps={warmup_steps}")
         self.base_lr = lr
+        self.decay_steps = decay_steps
+        self.lr_final = lr_final
         self.warmup_steps = warmup_steps
         self.max_halvings = max_halvings
         self.patience = patience
@@ -90,7 +100,19 @@ class PlateauHalvingLR:
     def lr_at(self, step: int) -> float:
         """LR for the update numbered ``step`` (0-based): warmup reaches ``lr`` at ``warmup_steps``."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        return self.base_lr * warm * 0.5**self.halvings
+        lr = self.base_lr
+        if self.decay_steps > 0:
+            lr = cosine(step - self.warmup_steps, self.base_lr, self.lr_final, self.decay_steps - self.warmup_steps)
+        return lr * warm * 0.5**self.halvings
+
+    @classmethod
+    def from_config(cls, optim: Any) -> PlateauHalvingLR:
+        """From a :class:`dalle_dist.config.PriorOptimConfig`."""
+        o = optim
+        return cls(
+            o.lr, o.warmup_steps, o.max_halvings, o.plateau_patience, o.plateau_smoothing, o.plateau_min_delta,
+            o.lr_steps, o.lr_final,
+        )  # fmt: skip
 
     def observe(self, step: int, loss: float) -> bool:
         """Feed the step's training loss; returns True when this observation halved the LR."""

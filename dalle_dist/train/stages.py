@@ -143,9 +143,7 @@ class PriorTrainer(Trainer):
     def __init__(self, cfg: PriorRunConfig) -> None:
         super().__init__(cfg)
         o = cfg.optim
-        self.schedule = PlateauHalvingLR(
-            o.lr, o.warmup_steps, o.max_halvings, o.plateau_patience, o.plateau_smoothing, o.plateau_min_delta
-        )
+        self.schedule = PlateauHalvingLR.from_config(o)
 
     def build_model(self) -> nn.Module:
         return DallePrior(self.cfg.model)

@@ -60,3 +60,34 @@ def test_improving_loss_never_halves_and_state_round_trips():
     for t in range(50, 80):
         assert sched.observe(t, 5.0) == other.observe(t, 5.0)
     assert sched.halvings == other.halvings > 0
+
+
+def test_prior_cosine_decay_after_warmup_and_halvings_multiply():
+    sched = PlateauHalvingLR(lr=1e-3, warmup_steps=10, patience=5, smoothing=0.0, decay_steps=110, lr_final=1e-4)
+    assert sched.lr_at(0) == pytest.approx(1e-4)  # warmup unchanged: 1/10 of the peak
+    assert sched.lr_at(9) == pytest.approx(1e-3)  # the peak where warmup ends
+    assert sched.lr_at(60) == pytest.approx(5.5e-4)  # cosine midpoint = mean of the ends
+    assert sched.lr_at(110) == pytest.approx(1e-4)
+    assert sched.lr_at(10_000) == pytest.approx(1e-4)  # held after
+    lrs = [sched.lr_at(t) for t in range(9, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    halved = [t for t in range(10, 16) if sched.observe(t, 1.0)]
+    assert halved == [15]
+    assert sched.lr_at(60) == pytest.approx(5.5e-4 / 2)
+    with pytest.raises(ValueError, match="warmup"):
+        PlateauHalvingLR(lr=1.0, warmup_steps=10, decay_steps=10)
+
+
+def test_prior_optim_config_decay_validation():
+    from dalle_dist.config import ConfigError, PriorOptimConfig
+
+    PriorOptimConfig().validate()  # the paper's: no decay
+    PriorOptimConfig(warmup_steps=50, lr_steps=800, lr_final=1e-4).validate()
+    with pytest.raises(ConfigError, match="greater than optim.warmup_steps"):
+        PriorOptimConfig(warmup_steps=50, lr_steps=50).validate()
+    with pytest.raises(ConfigError, match="lr_final"):
+        PriorOptimConfig(lr=1e-3, warmup_steps=50, lr_steps=800, lr_final=2e-3).validate()
+    with pytest.raises(ConfigError, match=">= 0"):
+        PriorOptimConfig(lr_steps=-1).validate()
+    sched = PlateauHalvingLR.from_config(PriorOptimConfig(lr=1e-3, warmup_steps=50, lr_steps=800, lr_final=1e-4))
+    assert sched.lr_at(800) == pytest.approx(1e-4)
