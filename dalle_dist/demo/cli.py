@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     for name, what in (("dvae-steps", "dVAE"), ("prior-steps", "prior"), ("reranker-steps", "reranker")):
         p.add_argument(f"--{name}", type=int, help=f"training steps of the {what} (default: see docs/demo.md)")
-    p.add_argument("--n-samples", type=int, help="samples per caption (default 16)")
-    p.add_argument("--rerank-k", type=int, help="samples kept per caption by the reranker (default 4)")
+    p.add_argument("--n-samples", type=int, help="samples per caption (default 32)")
+    p.add_argument("--rerank-k", type=int, help="samples kept per caption by the reranker (default 8)")
     p.add_argument("--topology", help="prior topology over the 2 processes, e.g. replicate=2, shard=2, pp=2")
 
 
