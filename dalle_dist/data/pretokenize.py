@@ -42,6 +42,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ..config import DataConfig, from_dict
+from ..devices import resolve_device
 from .pipeline import CODES_EXTENSION, ImageProcessor, ImageSample
 from .shards import ShardError, expand_shards, read_shard
 
@@ -146,11 +147,11 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def _device_for(name: str, proc: int) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.cuda.device_count() > 1:
+    """Process ``proc``'s device: a bare ``cuda`` spreads the processes over the visible GPUs."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         return f"cuda:{proc % torch.cuda.device_count()}"
-    return name
+    return str(device)
 
 
 def pretokenize(

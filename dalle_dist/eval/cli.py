@@ -212,13 +212,12 @@ def _parse_blur(text: str | None) -> list[float]:
 
 
 def _device(name: str) -> str:
-    import torch
+    from ..devices import DeviceError, resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return name
+    try:
+        return str(resolve_device(name))
+    except DeviceError as err:
+        raise EvalError(str(err)) from None
 
 
 def _is_splits(asked: int, n: int) -> int:

@@ -33,6 +33,7 @@ from ..config import DataConfig
 from ..data.decode import Skip
 from ..data.pipeline import ImageProcessor, ImageSample, ShardLoader, collate_images
 from ..data.shards import ShardReader, expand_shards
+from ..devices import resolve_device
 from .loss import clip_loss, retrieval_metrics
 from .model import CaptionTokenizer, ContrastiveReranker, RerankerConfig
 from .negatives import add_mirrored, swapped_captions
@@ -142,14 +143,6 @@ def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> tuple
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

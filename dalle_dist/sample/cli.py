@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..data.text import ByteTokenizer, pad_batch
+from ..devices import resolve_device
 from ..rerank.clip import DEFAULT_ARCH
 from ..rerank.scorer import Scorer, rank
 from ..train.export import RERANKER, TOKENIZER, load_export
@@ -93,8 +94,7 @@ def _scorer(args: argparse.Namespace, device: torch.device) -> Scorer | None:
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or args.prime_rows < 0:
         raise SystemExit("dalle-dist generate: --n and --batch-size must be >= 1, --prime-rows >= 0")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = resolve_device(args.device)
     scorer = _scorer(args, device)  # before sampling: a bad --rerank fails in a second, not after the samples
     prior, dvae, config = load_export(args.checkpoint, device=device)
     if dvae is None:

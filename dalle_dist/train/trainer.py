@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import DVAERunConfig, PriorRunConfig, to_dict
+from ..devices import resolve_device
 from ..precision import (
     AdamW32,
     PrecisionPolicy,
@@ -36,14 +37,6 @@ from .metrics import MetricsLogger
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use --train.device cpu")
-    return torch.device(name)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -73,7 +66,7 @@ class Trainer(ABC):
         self.cfg = cfg
         self.out_dir = Path(cfg.train.out_dir)
         cfg.precision.validate()
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "--train.device")
         self.step_num = 0
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
