@@ -18,7 +18,8 @@ from PIL import Image
 from ..data.shapes import caption_match
 
 N_RECON = 200  # held-out images reconstructed for the dVAE's judge accuracy
-SCALE = 3  # pixel upscaling of the 64 px images in figures
+SCALE = 3  # pixel upscaling of the demo's 48 px images in figures
+MAX_COLS = 16  # samples per figure row: a caption with more samples wraps onto further rows
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -138,8 +139,10 @@ def _samples_section(out: Path, figures: Path, split: str) -> dict[str, Any]:
     rows, frames, table = [], [], []
     for caption, d in per.items():
         order = np.argsort(d["rank"])  # best first
-        rows.append([_upscale(d["images"][i]) for i in order])
-        frames.append([d["selected"][i] for i in order])
+        for start in range(0, len(order), MAX_COLS):  # 32 samples in one row would make a 4,700 px wide figure
+            chunk = order[start : start + MAX_COLS]
+            rows.append([_upscale(d["images"][i]) for i in chunk])
+            frames.append([d["selected"][i] for i in chunk])
         match = np.array(d["match"])
         sel = np.array(d["selected"])
         table.append(
@@ -235,8 +238,8 @@ def _markdown(summary: dict[str, Any], samples: dict[str, Any], settings: Any) -
         lines += [
             f"## {title}",
             "",
-            f"One row per caption, ordered by the reranker's score (best first); the {settings.rerank_k} kept are "
-            "outlined in green.",
+            f"Each caption's {settings.n_samples} samples in order of the reranker's score (best first), "
+            f"{MAX_COLS} to a row, captions in the table's order; the {settings.rerank_k} kept are outlined in green.",
             "",
             f"![{split}](figures/samples_{split}.png)",
             "",
