@@ -154,8 +154,7 @@ class DistributedPriorTrainer:
         cfg.validate()
         self.cfg = cfg
         self.topology = validate_parallel(cfg)
-        o = cfg.optim
-        self.schedule = PlateauHalvingLR.from_config(o)
+        self.schedule = PlateauHalvingLR.from_config(cfg.optim)
         self.step_num = 0
 
     # ---- build ----------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError, DVAERunConfig
 from ..data.pipeline import image_loader
 from ..data.random_batches import random_images
-from ..models.dvae import DVAEObjective
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import init_distributed
 from .stages import DVAETrainer
@@ -97,7 +96,7 @@ class DistributedDVAETrainer(DVAETrainer):
             temperature=self.schedules.temperature_at(s),
             kl_weight=self.schedules.kl_weight_at(s),
             generator=self.generators["gumbel"],
-            objective=DVAEObjective.from_optim(self.cfg.optim),
+            objective=self.objective,
         )
         # Report global-batch means: average the detached metrics over the replicas.
         names = sorted(metrics)

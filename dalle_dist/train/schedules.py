@@ -108,10 +108,9 @@ class PlateauHalvingLR:
     @classmethod
     def from_config(cls, optim: Any) -> PlateauHalvingLR:
         """From a :class:`dalle_dist.config.PriorOptimConfig`."""
-        o = optim
         return cls(
-            o.lr, o.warmup_steps, o.max_halvings, o.plateau_patience, o.plateau_smoothing, o.plateau_min_delta,
-            o.lr_steps, o.lr_final,
+            optim.lr, optim.warmup_steps, optim.max_halvings, optim.plateau_patience, optim.plateau_smoothing,
+            optim.plateau_min_delta, optim.lr_steps, optim.lr_final,
         )  # fmt: skip
 
     def observe(self, step: int, loss: float) -> bool:

@@ -29,6 +29,7 @@ class DVAETrainer(Trainer):
     def __init__(self, cfg: DVAERunConfig) -> None:
         super().__init__(cfg)
         self.schedules = DVAESchedules.from_config(cfg.optim)
+        self.objective = DVAEObjective.from_optim(cfg.optim)  # fixed for the run: built once, not every step
         self.generators["gumbel"] = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
 
     def build_model(self) -> nn.Module:
@@ -66,7 +67,7 @@ class DVAETrainer(Trainer):
             temperature=self.schedules.temperature_at(s),
             kl_weight=self.schedules.kl_weight_at(s),
             generator=self.generators["gumbel"],
-            objective=DVAEObjective.from_optim(self.cfg.optim),
+            objective=self.objective,
         )
         metrics = dict(metrics)
         metrics["temperature"] = torch.tensor(self.schedules.temperature_at(s))
@@ -142,8 +143,7 @@ class PriorTrainer(Trainer):
 
     def __init__(self, cfg: PriorRunConfig) -> None:
         super().__init__(cfg)
-        o = cfg.optim
-        self.schedule = PlateauHalvingLR.from_config(o)
+        self.schedule = PlateauHalvingLR.from_config(cfg.optim)
 
     def build_model(self) -> nn.Module:
         return DallePrior(self.cfg.model)
