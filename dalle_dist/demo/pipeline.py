@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import DVAEModelConfig, PriorOptimConfig, load_yaml, model_config
+from ..config import build_config
 from ..data.shapes import heldout_pairs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,10 +98,13 @@ def build_steps(s: DemoSettings) -> list[Step]:
     tok, dvae, tokens = out / "tokenizer.json", out / "dvae", out / "tokens"
     prior, rerank, export = out / "prior", out / "reranker", out / "export"
     wandb = ["--train.wandb", "disabled"]
-    # The images are drawn at the side the demo dVAE reads, so the two cannot disagree.
-    image_size = _dvae_image_size(CONFIGS / "dvae.yaml")
-    prior_optim = load_yaml(CONFIGS / "prior.yaml").get("optim", {})
-    prior_warmup = int(prior_optim.get("warmup_steps", PriorOptimConfig().warmup_steps))
+    # The demo's configs as the trainers will read them (flavor → YAML → the data paths below): the images are
+    # drawn at the side the dVAE reads, and the prior's cosine must end after its warmup.
+    dvae_cfg = build_config("dvae", [CONFIGS / "dvae.yaml"], {"data.shards": train_shards})
+    prior_cfg = build_config(
+        "prior", [CONFIGS / "prior.yaml"], {"data.shards": str(tokens), "data.tokenizer": str(tok)}
+    )
+    image_size, prior_warmup = dvae_cfg.model.image_size, prior_cfg.optim.warmup_steps
     steps = [
         Step(
             "data",
@@ -301,14 +304,6 @@ def build_steps(s: DemoSettings) -> list[Step]:
             )
         )
     return steps
-
-
-def _dvae_image_size(config: Path) -> int:
-    """``model.image_size`` of a dVAE YAML, else its flavor's (the run's data flags are not needed for this)."""
-    model = load_yaml(config).get("model", {})
-    preset = model_config("dvae", str(model.get("flavor", "tiny")))
-    assert isinstance(preset, DVAEModelConfig)
-    return int(model.get("image_size", preset.image_size))
 
 
 def _trained(metrics: Path, steps: int) -> bool:
