@@ -95,6 +95,7 @@ class PriorModelConfig:
     text_loss_weight: float = 1 / 8  # [P §2.2]
     image_loss_weight: float = 7 / 8  # [P §2.2]
     attn_backend: str = "sdpa"  # attention kernel: "sdpa" (dense boolean mask); FlexAttention seam later
+    attn_layout: str = "paper"  # mask per layer: "paper" (row/column, conv last [P B.1]) or "dense" (all causal)
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +133,10 @@ class PriorModelConfig:
             raise ConfigError(f"model.activation={self.activation!r}: choose 'gelu' or 'fast_gelu'")
         if self.resid_init not in ("sqrt_2n", "none"):
             raise ConfigError(f"model.resid_init={self.resid_init!r}: choose 'sqrt_2n' or 'none'")
+        if self.attn_layout not in ("paper", "dense"):
+            raise ConfigError(
+                f"model.attn_layout={self.attn_layout!r}: choose 'paper' (row/column/conv masks) or 'dense'"
+            )
         if self.attn_backend not in ("sdpa",):
             raise ConfigError(f"model.attn_backend={self.attn_backend!r}: only 'sdpa' is available")
         if not 0 <= self.text_pad_id < self.text_vocab:

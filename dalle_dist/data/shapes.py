@@ -45,8 +45,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
-SIZES: dict[str, float] = {"small": 0.20, "large": 0.32}  # bounding-box side as a fraction of the image side
-SIZE_SPLIT = 0.26  # the judge's threshold between the two sizes (box side / image side)
+# Bounding-box side as a fraction of the image side. v2: a small object spans 3.8 tokens of the demo's 12×12 grid;
+# v1's 0.20 spanned 2.4, too few for its shape to survive tokenization (docs/dvae.md). Two large objects in
+# opposite cells of a lane still stay ≥ 1.8 px apart at 48 px (tested).
+SIZES: dict[str, float] = {"small": 0.32, "large": 0.44}
+SIZE_SPLIT = 0.375  # the judge's threshold between the two sizes (box side / image side): their geometric mean
 POSITIONS: dict[str, tuple[int, int]] = {  # name → (row, col) on the 3×3 grid
     "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
     "left": (1, 0), "center": (1, 1), "right": (1, 2),
@@ -58,7 +61,7 @@ N_HELDOUT_PAIRS = 4
 POS_JITTER = 0.04  # centre jitter, fraction of the side: keeps centres ≥ 0.12·side from a cell border
 SIZE_JITTER = 0.05  # relative jitter of the object side
 FG_THRESHOLD = 96.0  # a pixel is foreground when its brightest channel exceeds this
-VERSION = "shapes-v1"
+VERSION = "shapes-v2"
 
 _SPLITS = {"train": 0, "heldout": 1}
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (C, 3)

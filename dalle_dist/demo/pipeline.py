@@ -45,9 +45,9 @@ class DemoSettings:
     n_train: int = 6000  # training images (6 shards of 1000)
     n_heldout: int = 200  # images of held-out pairs (the dVAE's reconstruction test set)
     shard_size: int = 1000  # samples per shard; the prior's 2 processes need at least 2 token shards
-    dvae_steps: int = 600
-    prior_steps: int = 1000
-    reranker_steps: int = 300
+    dvae_steps: int = 500
+    prior_steps: int = 2400
+    reranker_steps: int = 200
     topology: str = "replicate=2"  # 2 gloo processes: plain data parallel with an fp32 all-reduce
     n_samples: int = 32  # samples per caption [P §2.6 draws 512]; fewer make the figures noisy (±0.05 at 16)
     rerank_k: int = 8  # kept per caption [P §2.6 keeps 32 of 512 for humans, 1 for FID]

@@ -19,14 +19,24 @@ from torch import Tensor, nn
 MASK_KINDS: tuple[str, ...] = ("row", "column", "conv", "dense")
 
 
-def layer_kinds(n_layers: int) -> list[str]:
+ATTN_LAYOUTS: tuple[str, ...] = ("paper", "dense")
+
+
+def layer_kinds(n_layers: int, layout: str = "paper") -> list[str]:
     """Mask kind of each attention layer, first to last [P B.1].
 
-    The last layer is convolutional; layer ``i`` (1-based) of the others is "column" if ``(i - 2) % 4 == 0`` and
-    "row" otherwise, so 64 layers give row, column, row, row, row, column, ... (16 column, 47 row, conv last).
+    ``paper``: the last layer is convolutional; layer ``i`` (1-based) of the others is "column" if
+    ``(i - 2) % 4 == 0`` and "row" otherwise, so 64 layers give row, column, row, row, row, column, ... (16 column,
+    47 row, conv last). ``dense``: every layer is plain causal. The sparse masks save compute only with a kernel
+    that skips masked tiles; with the dense-mask kernel they cost as much as dense attention, and a few-layer
+    model sees less context through them (docs/demo.md measures the difference on the shapes set).
     """
     if n_layers < 1:
         raise ValueError(f"n_layers={n_layers} must be >= 1")
+    if layout not in ATTN_LAYOUTS:
+        raise ValueError(f"unknown attention layout {layout!r}; valid layouts: {list(ATTN_LAYOUTS)}")
+    if layout == "dense":
+        return ["dense"] * n_layers
     kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, n_layers)]
     return kinds + ["conv"]
 

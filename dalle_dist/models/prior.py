@@ -218,7 +218,7 @@ class DallePrior(nn.Module):
         self.init_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         self.embed = PriorEmbedding(cfg)
         self.resblocks = nn.ModuleDict()
-        for layer, kind in enumerate(layer_kinds(cfg.n_layers)):
+        for layer, kind in enumerate(layer_kinds(cfg.n_layers, cfg.attn_layout)):
             # Each attention and each MLP block is its own resblock: 128 for 64 layers [P App. D.1].
             self.resblocks[str(2 * layer)] = AttentionResBlock(cfg, kind)
             self.resblocks[str(2 * layer + 1)] = MLPResBlock(cfg)

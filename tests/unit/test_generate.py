@@ -28,9 +28,9 @@ def small_cfg() -> PriorModelConfig:
     )
 
 
-def make(seed: int) -> tuple[DallePrior, torch.Tensor]:
+def make(seed: int, attn_layout: str = "paper") -> tuple[DallePrior, torch.Tensor]:
     torch.manual_seed(seed)
-    cfg = small_cfg()
+    cfg = dataclasses.replace(small_cfg(), attn_layout=attn_layout)
     model = DallePrior(cfg).eval()
     text = torch.randint(1, cfg.text_vocab, (2, cfg.caption_len))
     text[1, -2:] = cfg.text_pad_id
@@ -95,9 +95,10 @@ def test_sample_logits_top_k_and_checks() -> None:
         generate_images(make(0)[0], make(0)[1], temperature=-1.0)
 
 
-def test_incremental_logits_match_full_forward() -> None:
+@pytest.mark.parametrize("attn_layout", ["paper", "dense"])
+def test_incremental_logits_match_full_forward(attn_layout: str) -> None:
     """Prefill the text, then feed the image one slot at a time: every logit equals the full forward's."""
-    model, text = make(8)
+    model, text = make(8, attn_layout)
     cfg = model.cfg
     image = torch.randint(0, cfg.image_vocab, (2, cfg.image_len))
     with torch.no_grad():

@@ -99,6 +99,13 @@ def test_layer_kinds_small(n_layers: int, expected: list[str]) -> None:
     assert layer_kinds(n_layers) == expected
 
 
+def test_layer_kinds_dense_layout() -> None:
+    assert layer_kinds(4, "dense") == ["dense"] * 4
+    assert layer_kinds(4, "paper") == layer_kinds(4)
+    with pytest.raises(ValueError, match="valid layouts"):
+        layer_kinds(4, "sparse")
+
+
 def test_layer_kinds_64() -> None:
     kinds = layer_kinds(64)
     assert len(kinds) == 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_dist.config import PriorModelConfig, model_config
+from dalle_dist.config import ConfigError, PriorModelConfig, model_config
 from dalle_dist.models.attention import layer_kinds
 from dalle_dist.models.prior import (
     IGNORE_INDEX,
@@ -79,6 +79,25 @@ def test_block_returns_branch_only(model: DallePrior) -> None:
     block = model.resblocks["1"]
     expected = block.fc2(F.gelu(block.fc1(block.ln(x))))
     torch.testing.assert_close(block(x), expected)
+
+
+def test_dense_layout_sees_the_whole_prefix() -> None:
+    """attn_layout "dense": every layer is plain causal, so even a one-layer model's last image row depends on
+    z_0, which the paper's single conv layer (k=3) cannot see; an unknown layout is refused by the config."""
+    torch.manual_seed(0)
+    cfgs = {lay: tiny(n_layers=1, conv_kernel=3, attn_layout=lay) for lay in ("paper", "dense")}
+    moved = {}
+    for lay, cfg in cfgs.items():
+        m = DallePrior(cfg).eval()
+        assert [b.attn.kind for i, b in enumerate(m.resblocks.values()) if i % 2 == 0] == layer_kinds(1, lay)
+        text, image = batch(cfg)
+        changed = image.clone()
+        changed[:, 0] = (changed[:, 0] + 1) % cfg.image_vocab
+        with torch.no_grad():
+            moved[lay] = not torch.allclose(m(text, changed)[1][:, -1], m(text, image)[1][:, -1])
+    assert moved == {"paper": False, "dense": True}
+    with pytest.raises(ConfigError, match="attn_layout"):
+        tiny(attn_layout="blocks").validate()
 
 
 def test_image_causality(model: DallePrior) -> None:

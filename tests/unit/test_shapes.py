@@ -94,6 +94,25 @@ def test_layout_is_img2dataset_like(tmp_path: Path) -> None:
     assert len(_tar_members(tmp_path / "heldout" / "heldout-000000.tar")) == 15
 
 
+@pytest.mark.parametrize("size", [48, 64])
+def test_objects_stay_inside_the_image_and_apart(size: int) -> None:
+    """Two objects (both possibly large) in opposite cells of a lane never touch, and no object leaves the frame;
+    a merged pair would read as one object to the judge."""
+    n_pairs = 0
+    for i in range(800):
+        objs = generate_sample(0, i, size).meta["objects"]
+        for o in objs:
+            half = o["side"] / 2
+            assert half <= o["cx"] <= size - half and half <= o["cy"] <= size - half, (i, o)
+        if len(objs) == 2:
+            n_pairs += 1
+            a, b = objs
+            reach = (a["side"] + b["side"]) / 2
+            gap = max(abs(a["cx"] - b["cx"]) - reach, abs(a["cy"] - b["cy"]) - reach)
+            assert gap >= 1.0, (i, a, b)
+    assert n_pairs > 150  # about 30% two-object scenes
+
+
 def test_heldout_combinations_never_in_training() -> None:
     held = heldout_pairs(0)
     assert len(held) == 4 and held == heldout_pairs(0) and held != heldout_pairs(1)
