@@ -67,6 +67,9 @@ DVAE_FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 
+ATTN_LAYOUTS: tuple[str, ...] = ("paper", "dense")  # PriorModelConfig.attn_layout; models.attention.layer_kinds
+
+
 @dataclass
 class PriorModelConfig:
     """Shape of the sparse-transformer prior; defaults are the ``tiny`` flavor.
@@ -133,9 +136,10 @@ class PriorModelConfig:
             raise ConfigError(f"model.activation={self.activation!r}: choose 'gelu' or 'fast_gelu'")
         if self.resid_init not in ("sqrt_2n", "none"):
             raise ConfigError(f"model.resid_init={self.resid_init!r}: choose 'sqrt_2n' or 'none'")
-        if self.attn_layout not in ("paper", "dense"):
+        if self.attn_layout not in ATTN_LAYOUTS:
             raise ConfigError(
-                f"model.attn_layout={self.attn_layout!r}: choose 'paper' (row/column/conv masks) or 'dense'"
+                f"model.attn_layout={self.attn_layout!r}: choose one of {list(ATTN_LAYOUTS)} "
+                "('paper': row/column masks with a conv layer last; 'dense': every layer causal)"
             )
         if self.attn_backend not in ("sdpa",):
             raise ConfigError(f"model.attn_backend={self.attn_backend!r}: only 'sdpa' is available")

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ATTN_LAYOUTS
+
 MASK_KINDS: tuple[str, ...] = ("row", "column", "conv", "dense")
-
-
-ATTN_LAYOUTS: tuple[str, ...] = ("paper", "dense")
 
 
 def layer_kinds(n_layers: int, layout: str = "paper") -> list[str]:
