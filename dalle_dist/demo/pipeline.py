@@ -46,11 +46,11 @@ class DemoSettings:
     n_heldout: int = 200  # images of held-out pairs (the dVAE's reconstruction test set)
     shard_size: int = 1000  # samples per shard; the prior's 2 processes need at least 2 token shards
     dvae_steps: int = 500
-    prior_steps: int = 2400
+    prior_steps: int = 3800
     reranker_steps: int = 200
     topology: str = "replicate=2"  # 2 gloo processes: plain data parallel with an fp32 all-reduce
-    n_samples: int = 32  # samples per caption [P §2.6 draws 512]; fewer make the figures noisy (±0.05 at 16)
-    rerank_k: int = 8  # kept per caption [P §2.6 keeps 32 of 512 for humans, 1 for FID]
+    n_samples: int = 64  # samples per caption [P §2.6 draws 512]; fewer make the figures noisy (±0.05 at 16)
+    rerank_k: int = 16  # kept per caption [P §2.6 keeps 32 of 512 for humans, 1 for FID]
     seed: int = 0
     device: str = "cpu"
     inception: str = ""  # local Inception weights: also report FID / IS of the samples against held-out images
@@ -105,6 +105,8 @@ def build_steps(s: DemoSettings) -> list[Step]:
         "prior", [CONFIGS / "prior.yaml"], {"data.shards": str(tokens), "data.tokenizer": str(tok)}
     )
     image_size, prior_warmup = dvae_cfg.model.image_size, prior_cfg.optim.warmup_steps
+    dvae_precision = _precision_override("dVAE", dvae_cfg.precision.dtype, s.device)
+    prior_precision = _precision_override("prior", prior_cfg.precision.dtype, s.device)
     steps = [
         Step(
             "data",
@@ -152,6 +154,7 @@ def build_steps(s: DemoSettings) -> list[Step]:
                 s.device,
                 "--train.seed",
                 str(s.seed),
+                *dvae_precision,
                 *wandb,
             ),  # fmt: skip
             lambda: _trained(dvae / "metrics.jsonl", s.dvae_steps),
@@ -207,6 +210,7 @@ def build_steps(s: DemoSettings) -> list[Step]:
                 str(s.seed),
                 "--train.progress",
                 "false",
+                *prior_precision,
                 *wandb,
             ],  # fmt: skip
             lambda: _trained(prior / "metrics.jsonl", s.prior_steps),
@@ -304,6 +308,24 @@ def build_steps(s: DemoSettings) -> list[Step]:
             )
         )
     return steps
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (CPU: oneDNN with AVX512-BF16 or AMX; CUDA: Ampere+)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _precision_override(what: str, dtype: str, device: str) -> list[str]:
+    """The demo's dVAE and prior compute in bf16 (configs/demo/*.yaml); a CPU without native bf16 would emulate it
+    slower than fp32, so there they train in fp32 instead (same steps, more time; docs/demo.md)."""
+    if dtype == "bf16" and not native_bf16(device):
+        print(f"[dalle_dist] {device} has no native bf16 matmuls: the demo {what} trains in fp32 (slower)", flush=True)
+        return ["--precision.dtype", "fp32"]
+    return []
 
 
 def _trained(metrics: Path, steps: int) -> bool:

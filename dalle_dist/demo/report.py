@@ -181,6 +181,9 @@ def write_report(settings: Any, timings: dict[str, float], steps_seconds: float)
     prior["final_loss"] = curves["prior"][-1].get("loss") if curves["prior"] else None
     prior["steps"] = curves["prior"][-1].get("step") if curves["prior"] else 0
     prior["topology"] = settings.topology
+    prior_config = out / "prior" / "config.json"
+    if prior_config.is_file():
+        prior["precision"] = json.loads(prior_config.read_text()).get("precision", {}).get("dtype")
     reranker_info = out / "reranker" / "reranker.json"
     summary: dict[str, Any] = {
         "dvae": {**dvae, "final_loss": curves["dvae"][-1].get("loss") if curves["dvae"] else None},
@@ -224,7 +227,8 @@ def _markdown(summary: dict[str, Any], samples: dict[str, Any], settings: Any) -
         "",
         "![loss curves](figures/loss_curves.png)",
         "",
-        f"Prior: {p['steps']} steps on `{p['topology']}` (2 gloo processes via torchrun, `launch/run.py`).",
+        f"Prior: {p['steps']} steps on `{p['topology']}` (2 gloo processes via torchrun, `launch/run.py`), "
+        f"computing in {p.get('precision') or 'fp32'}.",
         "",
         "## dVAE reconstructions",
         "",

@@ -108,6 +108,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     keys together [P fn 7]. A FlexAttention ``BlockMask`` backend (block size 32, as in the paper's blocksparse
     kernels [I#28]) plugs in here: same mask rule, skipping fully masked 32×32 tiles.
     """
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # The CPU flash-attention kernel is slower in 16 bits than in fp32 (its bf16 backward especially): a 16-bit
+        # step of the demo prior took 0.149 s with 16-bit attention, 0.099 s with this (docs/precision.md). Only
+        # the kernel's inputs are upcast; the projections around it keep running under autocast.
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)  # (B, nh, Tq, hd)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hd)
 
 

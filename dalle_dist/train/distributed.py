@@ -224,9 +224,14 @@ class DistributedPriorTrainer:
         """AdamW [P B.2]: torch's in fp32 runs, ``AdamW32``'s arithmetic (fp32 or bf16 moments) in 16-bit ones."""
         o = self.cfg.optim
         groups = [g for stage in self.stages for g in decay_groups(stage, o.weight_decay)]
-        if not self.low_params:
-            return torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=o.betas, eps=o.eps)
-        moments = torch.bfloat16 if self.cfg.precision.moments_dtype == "bf16" else torch.float32
+        prec = self.cfg.precision
+        # With fp32 moments and no rounding to 16 bits, ShardedAdamW32's arithmetic is torch's AdamW on the fp32
+        # storage, so torch's runs it, with its foreach kernels on plain tensors (shard = 1; torch's CPU default
+        # is the per-parameter loop). This is also what plan_dry_run's "engine" storage assumes.
+        if not self.low_params or (prec.master_weights and prec.moments_dtype == "fp32"):
+            foreach = True if self.topology.shard == 1 else None
+            return torch.optim.AdamW(groups, lr=self.schedule.lr_at(0), betas=o.betas, eps=o.eps, foreach=foreach)
+        moments = torch.bfloat16 if prec.moments_dtype == "bf16" else torch.float32
         return ShardedAdamW32(groups, self.low_params, lr=self.schedule.lr_at(0), betas=o.betas, eps=o.eps,
                               moments_dtype=moments)  # fmt: skip
 

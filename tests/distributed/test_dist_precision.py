@@ -23,6 +23,7 @@ from _spawn import run_distributed
 from _torchrun import ROOT, TINY, env, torchrun_cmd
 
 from dalle_dist.config import build_config
+from dalle_dist.train.export import read_prior_weights
 from dalle_dist.train.stages import PriorTrainer
 
 KEYS = [str(k) for k in range(8)]  # the tiny prior's resblocks: 4 layers × (attention, MLP)
@@ -56,8 +57,8 @@ def losses(rows: list[dict]) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def single_process(dtype: str, steps: int, out: Path) -> list[float]:
-    over = {"train.progress": "false", "train.out_dir": str(out), "precision.dtype": dtype}
+def single_process(dtype: str, steps: int, out: Path, **extra: str) -> list[float]:
+    over = {"train.progress": "false", "train.out_dir": str(out), "precision.dtype": dtype, **extra}
     trainer = PriorTrainer(build_config("prior", ["configs/prior/tiny.yaml"], over)).build()
     return [trainer.step()["loss"] for _ in range(steps)]
 
@@ -85,6 +86,22 @@ def test_bf16_pp2_shard2_trains_close_to_fp32(bf16_run, tmp_path):
         assert abs(a - b) <= 2e-2 * abs(b), (a, b)
     assert got != ref  # not vacuous: the 16-bit path ran (bf16 rounding shows in the losses)
     assert got[-1] <= got[0] + 1e-2  # falling or close (random tokens: the loss sits near log 512)
+
+
+def test_bf16_master_weights_on_replicas_follows_one_process(tmp_path):
+    """precision.master_weights (the demo prior's setting): the engine's fp32 weights are never rounded to bf16, only
+    the resblocks compute in bf16; on replicate=2 the run follows the one-process bf16 trainer with its fp32 master
+    copy (whose gradients are bf16, hence a tolerance)."""
+    args = ["--parallel.topology", "replicate=2", "--precision.dtype", "bf16", "--precision.master_weights", "true"]
+    rows = run(2, tmp_path / "mw", 6, *args)
+    ref = single_process("bf16", len(rows), tmp_path / "ref", **{"precision.master_weights": "true"})
+    got = losses(rows)
+    assert all(math.isfinite(x) for x in got) and not any(r["skipped"] for r in rows)
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-2 * abs(b), (a, b)
+    weights, _ = read_prior_weights(tmp_path / "mw", use_ema=False)
+    w = weights["resblocks.0.attn.q_proj.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())  # off the bf16 grid: not rounded
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dalle_dist.data.shapes import caption_match
+from dalle_dist.demo.pipeline import native_bf16
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,11 @@ def test_prior_ran_under_torchrun_on_two_processes(demo: tuple[Path, subprocess.
     assert f"--train.steps {settings['prior_steps']}" in log
     rows = [json.loads(x) for x in (out / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == settings["prior_steps"]
+    # bf16 autocast over fp32 weights where this CPU has bf16 matmuls, fp32 otherwise (configs/demo/prior.yaml)
+    precision = json.loads((out / "prior" / "config.json").read_text())["precision"]
+    assert precision["dtype"] == ("bf16" if native_bf16("cpu") else "fp32")
+    assert precision["master_weights"] is True
+    assert json.loads((out / "summary.json").read_text())["prior"]["precision"] == precision["dtype"]
 
 
 def test_reranking_keeps_k_per_caption(demo: tuple[Path, subprocess.CompletedProcess]) -> None:

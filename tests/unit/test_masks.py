@@ -146,3 +146,22 @@ def test_attend_with_kv_cache_matches_full() -> None:
     torch.testing.assert_close(torch.cat(steps, dim=2), full)
     with pytest.raises(ValueError, match="gap"):
         cache.update(k[:, :, :1], v[:, :, :1], seq + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attend_runs_the_cpu_kernel_in_fp32_for_16_bit_inputs(dtype) -> None:
+    """On CPU, 16-bit q/k/v (under autocast, as a 16-bit resblock sees them) go through the fp32 kernel: the result
+    is the fp32 attention of the same 16-bit values, rounded once, in the input dtype."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 8).to(dtype) for _ in range(3))
+    mask = layer_mask("row", 3, 3)
+    with torch.autocast("cpu", dtype=dtype):
+        got = attend(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert got.dtype == dtype
+    assert torch.equal(got, want.to(dtype))
+    # 16-bit gradients come back for 16-bit inputs
+    qg = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        attend(qg, k, v, mask).float().sum().backward()
+    assert qg.grad is not None and qg.grad.dtype == dtype and torch.isfinite(qg.grad).all()
