@@ -311,11 +311,14 @@ def build_steps(s: DemoSettings) -> list[Step]:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes bf16 matmuls natively (CPU: oneDNN with AVX512-BF16 or AMX; CUDA: Ampere+)."""
+    """Whether ``device`` (any ``--device`` value, ``auto`` included) computes bf16 matmuls natively (CPU: oneDNN
+    with AVX512-BF16 or AMX; CUDA: Ampere+)."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from ..devices import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
