@@ -1,4 +1,4 @@
-"""Caption → token ids for the single-process trainers.
+"""Caption → token ids: the byte tokenizer and the trainers' choice between it and the BPE.
 
 ``ByteTokenizer`` is the dependency-free stand-in the foundation trainers use: lowercase UTF-8 bytes,
 id = byte + 1, so id 0 stays free as the pad id (``PriorModelConfig.text_pad_id``). The paper's 16,384-token
@@ -8,7 +8,11 @@ train``); both expose ``encode(caption, max_len) -> list[int]`` and ``vocab_size
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from ..config import DataConfig
 
 
 class ByteTokenizer:
@@ -33,3 +37,21 @@ def pad_batch(rows: list[list[int]], length: int, pad_id: int = 0) -> torch.Tens
         if row:
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def build_tokenizer(data: DataConfig, text_vocab: int, training: bool = True) -> Any:
+    """The caption tokenizer: the BPE JSON at ``data.tokenizer`` (dropout while training [P §2.2]) or bytes."""
+    if data.tokenizer:
+        from .tokenizer import load_tokenizer  # imported lazily: HF tokenizers only when used
+
+        tokenizer = load_tokenizer(data.tokenizer, data.bpe_dropout)
+        if training and hasattr(tokenizer, "train_mode"):
+            tokenizer.train_mode(True)
+    else:
+        tokenizer = ByteTokenizer()
+    if tokenizer.vocab_size > text_vocab:
+        raise ValueError(
+            f"model.text_vocab={text_vocab} < the tokenizer's {tokenizer.vocab_size} ids: "
+            f"set --model.text_vocab {tokenizer.vocab_size}"
+        )
+    return tokenizer

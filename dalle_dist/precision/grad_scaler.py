@@ -12,9 +12,11 @@ Backward pass through resblock k (forward runs left to right; gradients flow rig
 
 The gradient entering the branch is multiplied by s_k; the gradient leaving it is divided by s_k in fp32 and
 filtered before it joins the sum of gradients from later resblocks [P Fig. 4]. So resblock k's parameter
-gradients come out × s_k. They are never unscaled in 16 bits (that is the underflow this scheme avoids):
-``unscale_`` measures them in fp32 and ``grad_multipliers`` hands 1/s_k to the optimizer, which applies it
-while it reads each gradient in fp32 (:class:`dalle_dist.precision.optim.AdamW32`).
+gradients come out × s_k. They are never unscaled in 16 bits (that is the underflow this scheme avoids): the
+engine stores every parameter shard in fp32 (``apply_stage_precision``), so its gradients are fp32 too, and
+``unscale_`` divides them by s_k in place, in fp32, before the replica reduction and the clip [P E.2(2)].
+One process and many run this same protocol; the scaler holds every resblock key of the model, so flags and
+scales agree on every rank whichever resblocks it holds.
 
 The scale a backward pass uses is the one recorded by that step's forward hook; ``unscale_`` divides by that same
 recorded value, so ``update`` (which changes the scales) may run at any point after the backward pass.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -88,17 +90,26 @@ def branch_modules(model: nn.Module) -> dict[str, nn.Module]:
     return dict(blocks.items())
 
 
-def _norm(params: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """L2 norm of the gradients of ``params``, accumulated in ``dtype``; a 0-dim tensor on ``device``."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=dtype).to(device) for p in params]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=dtype, device=device)
+def grads_by_block(named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, list[Tensor]]:
+    """Local gradient tensors grouped by resblock key (``resblocks.K.*`` → K) and ``REST`` (embeddings, head).
+
+    ``named`` yields (single-process name, parameter); DTensor gradients give their local shard.
+    """
+    groups: dict[str, list[Tensor]] = {}
+    for name, p in named:
+        if p.grad is None:
+            continue
+        key = name.split(".")[1] if name.startswith("resblocks.") else REST
+        g = p.grad
+        groups.setdefault(key, []).append(g.to_local() if hasattr(g, "to_local") else g)
+    return groups
 
 
 class ResblockGradScaler:
     """One dynamic gradient scale per resblock with the update rule of [P App. D.1]; a stateful numerics policy.
 
-    Per step: ``attach`` (once) → forward → backward → ``unscale_`` → ``sync_finite_flags`` → ``update`` → if it
-    returns True, ``optimizer.step(grad_scale=grad_multipliers(clip_coef))``. ``replicas`` is M, the number of
+    Per step: ``attach`` (once) → forward → backward → ``unscale_`` (in place, fp32) → ``sync_finite_flags`` →
+    ``update``; if it returns True the engine reduces, clips and applies the update. ``replicas`` is M, the number of
     data-parallel replicas: every scale carries the factor M because the loss is divided by the global batch
     [P D.3]. Scales are Python floats (float64), so the growth factor 2^(1/1000) does not round away.
     """
@@ -123,7 +134,6 @@ class ResblockGradScaler:
         self._filtered: dict[str, Tensor] = {}
         self._last_filtered: dict[str, int] = dict.fromkeys(self.keys, 0)
         self._grad_norms: dict[str, float] = dict.fromkeys([*self.keys, REST], 0.0)
-        self._multipliers: list[tuple[list[Tensor], float]] = []
 
     @property
     def min_scale(self) -> float:
@@ -135,15 +145,22 @@ class ResblockGradScaler:
 
     # ---- backward-pass hooks -------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        """Wrap each resblock branch with the scale / unscale-and-filter pair; returns the hook handles."""
-        blocks = branch_modules(model)
-        missing = [k for k in self.keys if k not in blocks]
-        if missing:
-            raise KeyError(f"resblocks {missing} are not in the model (it has {list(blocks)})")
+    def attach(self, blocks: nn.Module | Mapping[str, nn.Module]) -> list[RemovableHandle]:
+        """Wrap resblock branches with the scale / unscale-and-filter pair [P Fig. 4]; returns the hook handles.
+
+        ``blocks``: a whole model (every key must be there), or the resblocks this rank holds by key (a pipeline
+        stage's subset; resblocks held elsewhere count as finite in this rank's flags, their owners report them).
+        """
+        if isinstance(blocks, nn.Module):
+            blocks = branch_modules(blocks)
+            missing = [k for k in self.keys if k not in blocks]
+            if missing:
+                raise KeyError(f"resblocks {missing} are not in the model (it has {list(blocks)})")
+        unknown = [k for k in blocks if k not in self.scales]
+        if unknown:
+            raise KeyError(f"resblocks {unknown} are not among the scaler's keys")
         handles = []
-        for key in self.keys:
-            block = blocks[key]
+        for key, block in blocks.items():
             handles.append(block.register_forward_pre_hook(functools.partial(self._enter, key), with_kwargs=True))
             handles.append(block.register_forward_hook(functools.partial(self._leave, key)))
         return handles
@@ -167,54 +184,48 @@ class ResblockGradScaler:
     # ---- after backward ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def unscale_(self, model: nn.Module) -> dict[str, bool]:
-        """Per-resblock finiteness of the parameter gradients, measured in fp32 after dividing by the scale.
+    def unscale_(self, grads: Mapping[str, list[Tensor]]) -> tuple[dict[str, bool], dict[str, int]]:
+        """Divide each local fp32 gradient of resblock k by the s_k its forward used, in place; flag nonfinite ones.
 
-        Returns one flag per resblock key plus ``REST`` (parameters outside the resblocks). Records the unscaled
-        gradient norms and the 1/scale multipliers for :meth:`grad_multipliers`; gradients are left as they are.
+        ``grads`` maps resblock keys (and ``REST``) to this rank's local gradient tensors (:func:`grads_by_block`),
+        which must be fp32: unscaled in fp32 they cannot underflow [P E.2(2)]. Returns (a flag for every key and
+        ``REST``, this rank's filter counts per key since the last call).
         """
-        blocks = branch_modules(model)
-        groups: list[tuple[str, list[Tensor], float]] = []
-        in_blocks: set[int] = set()
-        for key in self.keys:
-            owned = list(blocks[key].parameters())
-            in_blocks.update(id(p) for p in owned)
-            params = [p for p in owned if p.grad is not None]
-            if params and key not in self._used:
-                raise RuntimeError(
-                    f"resblock {key} has gradients but no scaled forward was recorded: attach(model) before the "
-                    "forward pass, and call unscale_ once per backward"
-                )
-            groups.append((key, params, 1.0 / self._used[key] if params else 1.0))
-        rest = [p for p in model.parameters() if id(p) not in in_blocks and p.grad is not None]
-        groups.append((REST, rest, 1.0))
-
-        device = next((p.grad.device for _, params, _ in groups for p in params), torch.device("cpu"))
-        scaled = torch.stack([_norm(params, torch.float32, device) for _, params, _ in groups]).tolist()  # one sync
-        flags: dict[str, bool] = {}
-        for (key, params, inv), norm in zip(groups, scaled):
-            finite = math.isfinite(norm)
-            if not finite:  # a nonfinite fp32 norm can also be an overflow of finite values: check exactly
-                finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
-                norm = float(_norm(params, torch.float64, device)) if finite else norm
-            flags[key] = finite
-            self._grad_norms[key] = norm * inv
-        self._multipliers = [(params, inv) for _, params, inv in groups]
-
-        values = torch.stack([c.to(device) for c in self._filtered.values()]).tolist() if self._filtered else []
-        self._last_filtered = dict.fromkeys(self.keys, 0) | dict(zip(self._filtered, map(int, values)))
-        for c in self._filtered.values():
-            c.zero_()
+        flags = dict.fromkeys([*self.keys, REST], True)
+        checks: list[tuple[str, Tensor]] = []
+        for key, tensors in grads.items():
+            if not tensors:
+                continue
+            if key != REST:
+                if key not in self._used:
+                    raise RuntimeError(
+                        f"resblock {key} has gradients but no scaled forward was recorded: attach the scaler before "
+                        "the forward pass, and call unscale_ once per backward"
+                    )
+                inv = 1.0 / self._used[key]
+                for g in tensors:
+                    if g.dtype != torch.float32:
+                        raise TypeError(
+                            f"resblock {key}: gradient is {g.dtype}; unscaling needs fp32 storage (apply_stage_precision)"
+                        )
+                    g.mul_(inv)
+            checks.append((key, torch.stack([torch.isfinite(g).all() for g in tensors]).all()))
+        if checks:
+            for (key, _), ok in zip(checks, torch.stack([c for _, c in checks]).tolist()):  # one host sync
+                flags[key] = bool(ok)
+        counts = dict.fromkeys(self.keys, 0)
+        if self._filtered:
+            values = torch.stack([c.cpu() for c in self._filtered.values()]).tolist()
+            counts.update(zip(self._filtered, map(int, values)))
+            for c in self._filtered.values():
+                c.zero_()
         self._used.clear()
-        return flags
+        return flags, counts
 
-    def grad_norm(self) -> float:
-        """Global L2 norm of the unscaled gradients measured by the last ``unscale_`` (nonfinite if any is)."""
-        return math.sqrt(sum(n * n for n in self._grad_norms.values()))
-
-    def grad_multipliers(self, clip_coef: float = 1.0) -> dict[Tensor, float]:
-        """Per-parameter factor the optimizer applies to the gradient it reads: 1/s_k of its resblock × clip_coef."""
-        return {p: inv * clip_coef for params, inv in self._multipliers for p in params}
+    def record(self, filtered: Mapping[str, int], grad_norms: Mapping[str, float]) -> None:
+        """This step's global measurements for :meth:`telemetry` (summed filter counts, unscaled norms)."""
+        self._last_filtered = dict.fromkeys(self.keys, 0) | dict(filtered)
+        self._grad_norms = dict.fromkeys([*self.keys, REST], 0.0) | dict(grad_norms)
 
     def update(self, finite: Mapping[str, bool]) -> bool:
         """Apply the scale rule of [P App. D.1] for one update; returns whether the optimizer step may run.

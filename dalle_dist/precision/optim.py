@@ -9,20 +9,18 @@ parameters in bf16 — the paper's 4 bytes per parameter, with a wide exponent l
 Optionally an fp32 master copy of each 16-bit parameter
 (``master_weights``); without it the update is computed in fp32 and rounded into the 16-bit weight each step.
 
-``step(grad_scale=...)`` multiplies each gradient by a per-parameter factor while it is read in fp32: this is
-where the per-resblock gradient scales are divided out (and the global-norm clip applied) without ever forming
-an unscaled 16-bit gradient [P E.2(11)]. For fp32 parameters and ``grad_scale=1`` the arithmetic is exactly
-``torch.optim.AdamW``'s single-tensor implementation.
+For fp32 parameters the arithmetic is exactly ``torch.optim.AdamW``'s single-tensor implementation. The prior's
+engine stores every shard in fp32 and names its logically 16-bit ones (:class:`ShardedAdamW32`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class AdamW32(torch.optim.Optimizer):
@@ -68,10 +66,8 @@ class AdamW32(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(
-        self, closure: Callable[[], float] | None = None, grad_scale: float | Mapping[Tensor, float] = 1.0
-    ) -> float | None:
-        """One AdamW update; ``grad_scale`` multiplies the gradients (a number, or a factor per parameter)."""
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW update from the (already unscaled and clipped) gradients."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -83,10 +79,7 @@ class AdamW32(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW32 does not support sparse gradients")
-                mult = grad_scale.get(p, 1.0) if isinstance(grad_scale, Mapping) else grad_scale
                 grad = p.grad.float()  # (same shape) fp32; a new tensor unless the gradient is already fp32
-                if mult != 1.0:
-                    grad = grad * mult
                 state = self._init_state(p, group["master_weights"])
                 # The fp32 tensor the update is applied to: the parameter itself, its master copy, or a temporary.
                 w = state.get("master", p if p.dtype == torch.float32 else None)
@@ -120,3 +113,37 @@ class AdamW32(torch.optim.Optimizer):
                 if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
                     dtype = self._moment_dtype(p) if key in ("exp_avg", "exp_avg_sq") else torch.float32
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+
+class ShardedAdamW32(AdamW32):
+    """``AdamW32`` over the engine's fp32 storage: a parameter's moments follow its *logical* precision.
+
+    ``AdamW32`` picks ``moments_dtype`` for parameters stored in 16 bits; the engine stores every shard in fp32
+    (``apply_stage_precision``), so the 16-bit ones are named by ``low`` instead (bf16 moments with
+    ``precision.moments_dtype=bf16``, the paper's 4 bytes per parameter [P B.2]). The update is applied to the fp32
+    storage in place and the engine rounds it to the 16-bit grid afterwards (``round_to_storage_``).
+    """
+
+    def __init__(self, params: Iterable, low: Iterable[Tensor], **kwargs: Any) -> None:
+        self._low = {id(p) for p in low}
+        super().__init__(params, **kwargs)
+
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        return self.moments_dtype if id(p) in self._low else torch.float32
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and conv kernels only; none on gains, biases and embeddings.
+
+    The paper does not say which parameters decay (spec §5, UNVERIFIED); excluding gains, biases and
+    embeddings is the common transformer practice. Embedding parameters live under ``embed.``.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

@@ -15,7 +15,7 @@ hooks run outside the wrapped region, once per forward, and are not replayed by 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -127,3 +127,30 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """
     for block in resblock_modules(model).values():
         _wrap_forward(block, "checkpoint", _checkpointed)
+
+
+def apply_stage_precision(stage: nn.Module, cfg: PrecisionConfig) -> PrecisionPolicy:
+    """The engine's numerics on a prior (or one pipeline stage of it): :func:`apply_precision`, storage in fp32.
+
+    FSDP2 (torch 2.13) refuses a unit whose parameters mix dtypes, and every Linear of a resblock holds a 16-bit
+    weight and an fp32 bias [P D.2]; so every shard is stored in fp32 while its *value* is a 16-bit number (the run
+    starts from exactly the 16-bit weights) and the resblock computes under 16-bit autocast. After each update
+    :func:`round_to_storage_` puts the weight matrices back on the 16-bit grid unless ``master_weights`` keeps the
+    fp32 values. One process (the 1-rank topology) stores the same way, so both run the same arithmetic; see
+    docs/precision.md for the bytes this costs. Call before FSDP and before the optimizer is built.
+    """
+    policy = apply_precision(stage, cfg)  # rounds the weight matrices to 16 bits and wraps forwards in autocast
+    low = set(policy.low_params)
+    for name, p in stage.named_parameters():
+        if name in low:
+            p.data = p.data.float()  # fp32 storage holding a 16-bit value
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(stage)  # after autocast: the recomputation reruns the autocast region
+    return policy
+
+
+@torch.no_grad()
+def round_to_storage_(tensors: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
+    """Round fp32 tensors to the nearest ``dtype`` value in place: 16-bit weights without master copies."""
+    for t in tensors:
+        t.copy_(t.to(dtype))

@@ -167,12 +167,12 @@ def test_planted_on_another_rank_and_resumed_is_identical(planted, tmp_path):
 
 
 def layout_worker(rank: int, world: int, out: str) -> dict:
-    from dalle_dist.train.distributed import DistributedPriorTrainer
+    from dalle_dist.train.prior import _local
 
     over = {"parallel.topology": "shard=2", "precision.dtype": "fp16", "precision.moments_dtype": "bf16",
             "train.out_dir": out, "train.progress": "false"}  # fmt: skip
     cfg = build_config("prior", ["configs/prior/tiny.yaml"], over)
-    trainer = DistributedPriorTrainer(cfg).build()
+    trainer = PriorTrainer(cfg).build()
     seen: dict[str, torch.dtype] = {}
     block = trainer.view.resblocks["1"]  # an MLP resblock
 
@@ -185,17 +185,17 @@ def layout_worker(rank: int, world: int, out: str) -> dict:
     block.fc1.register_forward_pre_hook(record("fc1"))
     block.ln.register_forward_pre_hook(record("ln"))
     metrics = trainer.step()
-    local = {n: trainer._local(p) for n, p in trainer.named.items()}
-    grads = {n: trainer._local(p.grad) for n, p in trainer.named.items() if p.grad is not None}
+    local = {n: _local(p) for n, p in trainer.named.items()}
+    grads = {n: _local(p.grad) for n, p in trainer.named.items() if p.grad is not None}
     state = trainer.optimizer.state
     names = ("resblocks.1.fc1.weight", "resblocks.1.ln.weight")
     moments = {n: state[trainer.named[n]]["exp_avg_sq"].dtype for n in names}
     # bf16 moments survive a save and a load (AdamW32 would otherwise pick them by the fp32 storage dtype).
-    saved = {n: trainer._local(state[p]["exp_avg_sq"]).clone() for n, p in trainer.named.items()}
+    saved = {n: _local(state[p]["exp_avg_sq"]).clone() for n, p in trainer.named.items()}
     path = trainer.save()
-    again = DistributedPriorTrainer(cfg).build()
+    again = PriorTrainer(cfg).build()
     again.load(path)
-    loaded = {n: again._local(again.optimizer.state[again.named[n]]["exp_avg_sq"]) for n in saved}
+    loaded = {n: _local(again.optimizer.state[again.named[n]]["exp_avg_sq"]) for n in saved}
     reloaded = all(loaded[n].dtype == v.dtype and torch.equal(loaded[n], v) for n, v in saved.items())
     return {
         "moments": moments,
@@ -203,8 +203,8 @@ def layout_worker(rank: int, world: int, out: str) -> dict:
         "gathered": seen,
         "storage": {t.dtype for t in local.values()},
         "grads": {g.dtype for g in grads.values()},
-        "on_grid": all(torch.equal(local[n], local[n].half().float()) for n in trainer.low_names),
-        "n_low": len(trainer.low_names),
+        "on_grid": all(torch.equal(local[n], local[n].half().float()) for n in trainer.parts.policy.low_params),
+        "n_low": len(trainer.parts.policy.low_params),
         "ln_off_grid": not torch.equal(local["resblocks.1.ln.weight"], local["resblocks.1.ln.weight"].half().float()),
         "skipped": metrics["skipped"],
     }

@@ -12,7 +12,13 @@ from _spawn import run_distributed
 
 from dalle_dist.config import PrecisionConfig, PriorModelConfig
 from dalle_dist.models.prior import DallePrior
-from dalle_dist.precision import AdamW32, ResblockGradScaler, apply_precision, sync_finite_flags
+from dalle_dist.precision import (
+    ResblockGradScaler,
+    ShardedAdamW32,
+    apply_stage_precision,
+    grads_by_block,
+    sync_finite_flags,
+)
 
 MICRO = dict(n_layers=2, d_model=32, n_heads=2, text_len=8, text_vocab=64, grid=4, image_vocab=64, conv_kernel=3)
 WORLD = 2
@@ -32,11 +38,11 @@ def step(model, scaler, opt, rank: int) -> tuple[bool, dict[str, bool], dict[str
     image = torch.randint(0, cfg.image_vocab, (2, cfg.image_len), generator=g)
     opt.zero_grad(set_to_none=True)
     (model.loss(text, image)[0] / WORLD).backward()  # ÷ M: the loss over the global batch [P D.3]
-    local = scaler.unscale_(model)
+    local, _ = scaler.unscale_(grads_by_block(model.named_parameters()))  # in place, fp32
     synced = sync_finite_flags(local)
     applied = scaler.update(synced)
     if applied:
-        opt.step(grad_scale=scaler.grad_multipliers())
+        opt.step()
     return applied, local, synced
 
 
@@ -44,10 +50,11 @@ def worker(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = DallePrior(PriorModelConfig(**MICRO))
     cfg = PrecisionConfig(dtype="fp16")
-    apply_precision(model, cfg)
+    policy = apply_stage_precision(model, cfg)
     scaler = ResblockGradScaler(list(model.resblocks), cfg, replicas=world)
     scaler.attach(model)
-    opt = AdamW32(model.parameters(), lr=1e-3)
+    low = [p for n, p in model.named_parameters() if n in set(policy.low_params)]
+    opt = ShardedAdamW32(model.parameters(), low, lr=1e-3)
     first = step(model, scaler, opt, rank)  # a normal update: Adam moments exist afterwards
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]

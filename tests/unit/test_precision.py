@@ -16,9 +16,12 @@ from dalle_dist.precision import (
     ResblockGradScaler,
     apply_activation_checkpointing,
     apply_precision,
+    apply_stage_precision,
+    grads_by_block,
     keeps_fp32,
 )
-from dalle_dist.train.checkpoint import load_checkpoint
+from dalle_dist.files import load_checkpoint
+from dalle_dist.train.export import read_prior_weights
 from dalle_dist.train.stages import DVAETrainer, PriorTrainer
 
 MICRO = dict(n_layers=2, d_model=32, n_heads=2, text_len=8, text_vocab=64, grid=4, image_vocab=64, conv_kernel=3)
@@ -132,11 +135,12 @@ def test_adamw32_equals_torch_adamw_on_fp32_params():
 def test_adamw32_keeps_fp32_moments_for_fp16_params_through_load(master):
     p = torch.nn.Parameter(torch.full((4,), 0.5, dtype=torch.float16))
     opt = AdamW32([p], lr=1e-4, master_weights=master)
-    p.grad = torch.full((4,), 2.0**-20, dtype=torch.float16) * 2**10  # a scaled gradient …
-    opt.step(grad_scale={p: 2.0**-10})  # … unscaled in fp32: 2^-20, below fp16's normal range
+    p.grad = torch.full((4,), 2.0**-20, dtype=torch.float16)  # a small gradient, below fp16's normal range
+    opt.step()
     st = opt.state[p]
     assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
-    assert float(st["exp_avg"][0]) == pytest.approx(0.1 * 2.0**-20)  # would be 0 in fp16
+    assert float(st["exp_avg"][0]) == pytest.approx(0.1 * 2.0**-20)
+    assert float(st["exp_avg_sq"][0]) == pytest.approx(1e-3 * 2.0**-40)  # 0 in fp16: below its subnormals
     assert ("master" in st) == master and p.dtype == torch.float16
     if master:
         assert st["master"].dtype == torch.float32 and torch.equal(st["master"].half(), p.detach())
@@ -161,7 +165,7 @@ def test_activation_checkpointing_gives_identical_gradients(dtype):
     for ckpt in (False, True):
         model = micro_model()
         cfg = PrecisionConfig(dtype=dtype)
-        apply_precision(model, cfg)
+        apply_stage_precision(model, cfg)  # the engine's storage: fp32 tensors, 16-bit values and compute
         if ckpt:
             apply_activation_checkpointing(model)
         scaler = ResblockGradScaler(list(model.resblocks), cfg)
@@ -170,7 +174,7 @@ def test_activation_checkpointing_gives_identical_gradients(dtype):
         model.resblocks["0"].register_forward_pre_hook(functools.partial(count_call, calls))
         model.loss(*batch())[0].backward()
         assert len(calls) == 1  # the recomputation runs inside the block: its hooks (the scaler's) fire once
-        assert all(scaler.unscale_(model).values())
+        assert all(scaler.unscale_(grads_by_block(model.named_parameters()))[0].values())
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
@@ -182,8 +186,8 @@ def test_activation_checkpointing_gives_identical_gradients(dtype):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_tiny_prior_trains_in_16_bit(tmp_path, dtype):
     t = micro_trainer(tmp_path, dtype).build()
-    fixed = t.next_batch()
-    t.next_batch = lambda: fixed
+    fixed = t.data.batch(0)
+    t.data.batch = lambda step: fixed
     hist = [t.step() for _ in range(30)]
     losses = [h["loss"] for h in hist]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
@@ -201,13 +205,17 @@ def test_fp16_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
     resumed = micro_trainer(tmp_path / "part", "fp16", **{"train.steps": "6"})
     rest = [h["loss"] for h in resumed.fit()]
     assert first + rest == full  # bit-exact: 16-bit weights, fp32 moments, grad scales, RNG
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    step6 = ("checkpoints", "step_00000006", "trainer.pt")
+    a = torch.load(tmp_path.joinpath("full", *step6), weights_only=True)
+    b = torch.load(tmp_path.joinpath("part", *step6), weights_only=True)
     assert a["precision"]["grad_scaler"] == b["precision"]["grad_scaler"]
     assert a["precision"]["grad_scaler"]["updates"] == 6
-    assert a["model"]["resblocks.1.fc1.weight"].dtype == torch.float16
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    wa, _ = read_prior_weights(tmp_path / "full", use_ema=False)
+    wb, _ = read_prior_weights(tmp_path / "part", use_ema=False)
+    w = wa["resblocks.1.fc1.weight"]
+    assert torch.equal(w, w.half().float())  # a 16-bit weight: fp16 values in fp32 storage
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
     for st in resumed.optimizer.state.values():
         assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
 
@@ -215,12 +223,12 @@ def test_fp16_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
 def test_nonfinite_gradient_is_skipped_without_scaler(tmp_path):
     t = micro_trainer(tmp_path, "fp32").build()
     t.step()
-    before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    h = t.model.head.image_unembed.register_full_backward_hook(lambda m, gi, go: (gi[0] * math.nan,))
+    before = {k: v.clone() for k, v in t.view.state_dict().items()}
+    h = t.view.head.image_unembed.register_full_backward_hook(lambda m, gi, go: (gi[0] * math.nan,))
     m = t.step()
     h.remove()
     assert m["skipped"] == 1.0 and not math.isfinite(m["grad_norm"])
-    for k, v in t.model.state_dict().items():
+    for k, v in t.view.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
@@ -230,7 +238,7 @@ def test_dvae_fp16_uses_a_global_loss_scale_and_checkpoints_it(tmp_path):
     cfg = build_config("dvae", ["configs/dvae/tiny.yaml"], {**over, "precision.dtype": "fp16", "train.steps": "1"})
     t = DVAETrainer(cfg)
     hist = t.fit()
-    assert t.loss_scaler is not None and t.grad_scaler is None
+    assert t.loss_scaler is not None
     assert hist[-1]["loss_scale"] == 65536.0 and hist[-1]["skipped"] == 0.0
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["precision"]["loss_scaler"]["scale"] == 65536.0
@@ -239,18 +247,19 @@ def test_dvae_fp16_uses_a_global_loss_scale_and_checkpoints_it(tmp_path):
 
 def test_bf16_moments_for_16_bit_weights_train_and_round_trip(tmp_path):
     t = micro_trainer(tmp_path, "fp16", **{"precision.moments_dtype": "bf16"}).build()
-    fixed = t.next_batch()
-    t.next_batch = lambda: fixed
+    fixed = t.data.batch(0)
+    t.data.batch = lambda step: fixed
     hist = [t.step() for _ in range(30)]
     losses = [h["loss"] for h in hist]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
-    for p in t.model.parameters():
-        want = torch.float32 if p.dtype == torch.float32 else torch.bfloat16  # fp32 classes keep fp32 moments
+    low = set(t.parts.policy.low_params)
+    for n, p in t.view.named_parameters():
+        want = torch.bfloat16 if n in low else torch.float32  # fp32 classes keep fp32 moments
         assert t.optimizer.state[p]["exp_avg"].dtype == want and t.optimizer.state[p]["exp_avg_sq"].dtype == want
-    t.save()
+    path = t.save()
     again = micro_trainer(tmp_path, "fp16", **{"precision.moments_dtype": "bf16"}).build()
-    again.load()
-    for p, q in zip(t.model.parameters(), again.model.parameters()):
+    again.load(path)
+    for p, q in zip(t.view.parameters(), again.view.parameters()):
         assert torch.equal(t.optimizer.state[p]["exp_avg_sq"], again.optimizer.state[q]["exp_avg_sq"])
         assert again.optimizer.state[q]["exp_avg_sq"].dtype == t.optimizer.state[p]["exp_avg_sq"].dtype
     with pytest.raises(ConfigError, match="moments_dtype"):

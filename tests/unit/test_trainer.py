@@ -1,4 +1,4 @@
-"""Single-process trainers: loss falls on a tiny fixed batch, checkpoints round-trip exactly, metrics logged."""
+"""Both trainers in one process (the 1-rank job of the engine): loss falls on a tiny fixed batch, checkpoints round-trip exactly, metrics logged."""
 
 import json
 from pathlib import Path
@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 from dalle_dist.config import build_config
-from dalle_dist.train.checkpoint import load_checkpoint
-from dalle_dist.train.stages import DVAETrainer, PriorTrainer, load_dvae
+from dalle_dist.files import load_checkpoint
+from dalle_dist.models.loading import load_dvae
+from dalle_dist.config import ConfigError
+from dalle_dist.train.export import read_prior_weights
+from dalle_dist.train.stages import DVAETrainer, PriorTrainer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -103,17 +106,24 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, stage, folder,
     first = [h["loss"] for h in Trainer(part_cfg).fit()]
     part_cfg.train.steps = 6
     resumed_trainer = Trainer(part_cfg)
-    rest = [h["loss"] for h in resumed_trainer.fit()]  # resumes from part/checkpoint.pt at step 3
+    rest = [h["loss"] for h in resumed_trainer.fit()]  # resumes from part's checkpoint at step 3
     assert resumed_trainer.step_num == 6
     assert first + rest == full  # bit-exact on CPU: model, optimizer, EMA, schedules, data cursor, RNG
 
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
-    for k in a["ema"]["shadow"]:
-        torch.testing.assert_close(a["ema"]["shadow"][k], b["ema"]["shadow"][k], rtol=0, atol=0)
-    assert a["extra"] == b["extra"] and a["data"] == b["data"]
+    if stage == "dvae":
+        a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+        b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+        pairs = [(a["model"], b["model"]), (a["ema"]["shadow"], b["ema"]["shadow"])]
+    else:
+        pairs = [(read_prior_weights(tmp_path / r, use_ema=e)[0] for r in ("full", "part")) for e in (False, True)]
+        step6 = ("checkpoints", "step_00000006", "trainer.pt")
+        a, b = (torch.load(tmp_path.joinpath(r, *step6), weights_only=True) for r in ("full", "part"))
+        assert a["schedule"] == b["schedule"] and a["ema_calls"] == b["ema_calls"] == 6
+    for x, y in pairs:
+        x, y = dict(x), dict(y)
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+    assert a["data"] == b["data"]
 
 
 def test_random_source_resume_and_state_contents(tmp_path):
@@ -121,10 +131,22 @@ def test_random_source_resume_and_state_contents(tmp_path):
     cfg.train.steps = 2
     t = PriorTrainer(cfg)
     t.fit()
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["step"] == 2 and state["stage"] == "prior"
-    assert {"model", "optimizer", "ema", "extra", "rng", "config"} <= set(state)
-    assert state["optimizer"]["state"], "Adam moments must be saved"
+    step = tmp_path / "checkpoints" / "step_00000002"  # one process writes the layout every topology writes
+    state = torch.load(step / "trainer.pt", weights_only=True)
+    assert state["step"] == 2 and state["stage"] == "prior" and state["topology"] == "pp=1,replicate=1,shard=1"
+    assert {"schedule", "config", "precision", "ema_calls", "data"} <= set(state)
+    assert (step / "rng_0.pt").is_file()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = set(FileSystemReader(str(step)).read_metadata().state_dict_metadata)
+    assert "model.resblocks.0.attn.q_proj.weight" in keys and "ema.resblocks.0.attn.q_proj.weight" in keys
+    assert "optim.state.resblocks.0.attn.q_proj.weight.exp_avg" in keys, "Adam moments must be saved"
+
+
+def test_old_one_process_checkpoint_is_refused_with_the_conversion(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # what the one-process trainer of earlier versions wrote
+    with pytest.raises(ConfigError, match="convert-checkpoint"):
+        PriorTrainer(prior_cfg(tmp_path)).fit()
 
 
 def test_corrupt_or_wrong_checkpoint_is_refused(tmp_path, dvae_ckpt):
@@ -132,7 +154,7 @@ def test_corrupt_or_wrong_checkpoint_is_refused(tmp_path, dvae_ckpt):
     bad.write_bytes(dvae_ckpt.read_bytes()[:1000])
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(bad)
-    with pytest.raises(ValueError, match="not 'prior'"):
+    with pytest.raises(ValueError, match="not a prior checkpoint"):
         PriorTrainer(prior_cfg(tmp_path / "x")).build().load(dvae_ckpt)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
