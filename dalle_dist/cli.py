@@ -6,6 +6,10 @@ Examples::
     dalle-dist train-prior --config configs/prior/tiny.yaml --optim.lr 3e-4 --train.out_dir runs/prior
     dalle-dist plan --prior 12B --dvae openai --json
     dalle-dist config --stage prior --config configs/prior/tiny.yaml --model.flavor small
+
+``train-*`` run one process; the same trainers run under torchrun through :mod:`dalle_dist.launch`::
+
+    torchrun --nproc-per-node 2 -m dalle_dist.launch --stage prior --config configs/prior/tiny.yaml
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 import yaml
 
-from .config import FLAVORS, ConfigError, build_config, parse_overrides, to_dict
+from .config import FLAVORS, ConfigError, add_config_arguments, config_from_args, to_dict
 
 OVERRIDES_HELP = (
     "Any config key can be set with a dotted override, e.g. --optim.lr 3e-4 --train.steps 500 "
@@ -26,30 +29,11 @@ OVERRIDES_HELP = (
 )
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="YAML",
-        help="YAML overlay (repeatable; later files win), e.g. configs/prior/tiny.yaml",
-    )
-    p.add_argument("--flavor", help="shorthand for --model.flavor")
-
-
-def _resolve(stage: str, args: argparse.Namespace, extra: list[str]) -> Any:
-    overrides = parse_overrides(extra)
-    if args.flavor:
-        overrides["model.flavor"] = args.flavor
-    return build_config(stage, args.config, overrides)
-
-
 def _cmd_train(stage: str, args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = _resolve(stage, args, extra)
-    from .train.stages import TRAINERS  # heavy import only when training
+    cfg = config_from_args(stage, args, extra)
+    from .train.entry import run_training  # heavy import only when training
 
-    trainer = TRAINERS[stage](cfg)
-    history = trainer.fit()
+    trainer, history = run_training(stage, cfg)
     last = history[-1] if history else {}
     print(
         json.dumps(
@@ -110,7 +94,7 @@ def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = _resolve(args.stage, args, extra)
+    cfg = config_from_args(args.stage, args, extra)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -148,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, what in (("dvae", "the discrete VAE (stage 1)"), ("prior", "the transformer prior (stage 2)")):
         p = sub.add_parser(
             f"train-{stage}",
-            help=f"train {what} in one process",
-            description=f"Train {what} in one process. Writes checkpoint.pt, metrics.jsonl and config.json "
-            f"to --train.out_dir and resumes from there when a checkpoint exists. Flavors: "
-            f"{', '.join(FLAVORS[stage])}.",
+            help=f"train {what} in one process (or under torchrun: -m dalle_dist.launch --stage {stage})",
+            description=f"Train {what} in one process. The same trainer runs under torchrun, one process per "
+            f"device: torchrun --nproc-per-node N -m dalle_dist.launch --stage {stage} [the same options]. Writes "
+            f"checkpoint.pt, metrics.jsonl and config.json to --train.out_dir and resumes from there when a "
+            f"checkpoint exists. Flavors: {', '.join(FLAVORS[stage])}.",
             epilog=OVERRIDES_HELP,
         )
-        _add_config_args(p)
+        add_config_arguments(p)
         p.set_defaults(run=lambda a, e, s=stage: _cmd_train(s, a, e))
 
     p = sub.add_parser(
@@ -218,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=OVERRIDES_HELP,
     )
     p.add_argument("--stage", choices=["dvae", "prior"], required=True)
-    _add_config_args(p)
+    add_config_arguments(p)
     p.set_defaults(run=_cmd_config)
 
     p = sub.add_parser(

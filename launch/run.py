@@ -8,65 +8,19 @@
 Every option of ``dalle-dist train-prior`` works here as ``--section.key value``; ``parallel.topology`` must
 multiply out to N·G. The config is validated before the process group starts. Rank 0 writes metrics.jsonl;
 an exception on any rank is recorded per rank by torchelastic (``@record``).
+
+This file is a shim over :func:`dalle_dist.launch.main` for checkouts and the SLURM scripts; with the package
+installed, ``torchrun ... -m dalle_dist.launch ...`` is the same program.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dalle_dist.config import ConfigError, build_config, parse_overrides  # noqa: E402
-
-
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        prog="launch/run.py",
-        description="Distributed training under torchrun: the prior on pipeline × shard × replicate, the dVAE "
-        "data-parallel.",
-        epilog="Overrides: --section.key value, e.g. --parallel.topology pp=2,shard=2 --train.steps 100.",
-    )
-    p.add_argument("--stage", choices=["prior", "dvae"], default="prior", help="which model to train (default prior)")
-    p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overlay (repeatable)")
-    p.add_argument("--flavor", help="shorthand for --model.flavor")
-    return p.parse_known_args(argv)
-
-
-@record
-def main(argv: list[str] | None = None) -> int:
-    args, extra = parse(argv)
-    try:
-        overrides = parse_overrides(extra)
-        if args.flavor:
-            overrides["model.flavor"] = args.flavor
-        cfg = build_config(args.stage, args.config, overrides)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.stage == "prior":
-            from dalle_dist.train.distributed import DistributedPriorTrainer as TrainerClass
-            from dalle_dist.train.distributed import validate_parallel
-
-            validate_parallel(cfg, world)
-        else:
-            from dalle_dist.train.dvae_distributed import DistributedDVAETrainer as TrainerClass
-            from dalle_dist.train.dvae_distributed import validate_dvae_parallel
-
-            validate_dvae_parallel(cfg, world)
-    except ConfigError as err:
-        print(f"launch/run.py: config error: {err}", file=sys.stderr)
-        return 2
-
-    trainer = TrainerClass(cfg).build()
-    try:
-        trainer.fit()  # resumes from the latest complete checkpoint in train.out_dir
-    finally:
-        trainer.close()
-    return 0
-
+from dalle_dist.launch import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="launch/run.py"))

@@ -247,23 +247,18 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        shards: list[str],
+        reader_args: dict[str, Any],
         processor: Processor,
         collate: Callable[[list[Any]], Any],
         batch_size: int,
-        *,
-        seed: int,
-        shuffle: int,
-        num_readers: int,
-        dp_rank: int = 0,
-        dp_size: int = 1,
         start: list[dict[str, int]] | None = None,
         rotation: int = 0,
     ) -> None:
+        """``reader_args``: the :class:`~.shards.ShardReader` arguments every reader of the rank shares (shards,
+        seed, shuffle, dp_rank, dp_size, and num_workers: the number of readers); each reader adds its worker_id."""
         super().__init__()
-        self.shards, self.processor, self.collate, self.batch_size = shards, processor, collate, batch_size
-        self.seed, self.shuffle, self.num_readers = seed, shuffle, num_readers
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.reader_args, self.processor, self.collate, self.batch_size = reader_args, processor, collate, batch_size
+        self.num_readers = int(reader_args["num_workers"])
         self.start, self.rotation = start, rotation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -271,16 +266,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         physical = info.id if info is not None else 0
         reader_id = (self.rotation + physical) % self.num_readers
         skipped, counted, total = Counter(), Counter(), Counter()
-        reader = ShardReader(
-            self.shards,
-            seed=self.seed,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-            worker_id=reader_id,
-            num_workers=self.num_readers,
-            shuffle=self.shuffle,
-            skipped=skipped,
-        )
+        reader = ShardReader(**self.reader_args, worker_id=reader_id, skipped=skipped)
         if self.start is not None:
             reader.load_state_dict(self.start[reader_id])
         items: list[Any] = []
@@ -335,19 +321,11 @@ class ShardLoader:
     ) -> None:
         self.num_workers = num_workers
         self.num_readers = max(1, num_workers)
+        reader_args = dict(shards=shards, seed=seed, shuffle=shuffle, num_workers=self.num_readers)
+        reader_args.update(dp_rank=dp_rank, dp_size=dp_size)
         # Construct one reader now so a bad split fails at build time with its message, not in a worker.
-        ShardReader(shards, dp_rank=dp_rank, dp_size=dp_size, worker_id=0, num_workers=self.num_readers)
-        self._args = dict(
-            shards=shards,
-            processor=processor,
-            collate=collate,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            num_readers=self.num_readers,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-        )
+        ShardReader(**reader_args, worker_id=0)
+        self._stream_args = (reader_args, processor, collate, batch_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.cursors = [Cursor().as_dict() for _ in range(self.num_readers)]
         self.next_reader = 0
@@ -355,8 +333,25 @@ class ShardLoader:
         self.counted: Counter = Counter()
         self._it: Iterator[dict[str, Any]] | None = None
 
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, processor: Processor, collate: Callable[[list[Any]], Any], dp_rank: int, dp_size: int
+    ) -> ShardLoader:
+        """A loader of ``data.shards`` with ``data``'s batch size, seed, shuffle buffer and worker count."""
+        return cls(
+            expand_shards(data.shards),
+            processor,
+            collate,
+            data.batch_size,
+            seed=data.seed,
+            shuffle=data.shuffle_buffer,
+            num_workers=data.num_workers,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+
     def _start(self) -> Iterator[dict[str, Any]]:
-        stream = BatchStream(**self._args, start=[dict(c) for c in self.cursors], rotation=self.next_reader)
+        stream = BatchStream(*self._stream_args, start=[dict(c) for c in self.cursors], rotation=self.next_reader)
         if self.num_workers == 0:
             return iter(stream)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
@@ -413,17 +408,7 @@ class ShardLoader:
 
 def image_loader(stage: str, resolution: int, data: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> ShardLoader:
     """Image batches ``{"images": (B, 3, R, R) uint8, "captions", "keys"}`` with Listing 1 or 2 by ``stage``."""
-    return ShardLoader(
-        expand_shards(data.shards),
-        ImageProcessor(stage, resolution, data),
-        collate_images,
-        data.batch_size,
-        seed=data.seed,
-        shuffle=data.shuffle_buffer,
-        num_workers=data.num_workers,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-    )
+    return ShardLoader.from_config(data, ImageProcessor(stage, resolution, data), collate_images, dp_rank, dp_size)
 
 
 def token_loader(
@@ -437,14 +422,5 @@ def token_loader(
     dp_size: int = 1,
 ) -> ShardLoader:
     """Token batches ``{"text": (B, caption_len), "image": (B, grid²), "captions", "keys"}`` from token shards."""
-    return ShardLoader(
-        expand_shards(data.shards),
-        TokenProcessor(data, tokenizer, caption_len, grid, image_vocab),
-        TokenCollate(caption_len, pad_id),
-        data.batch_size,
-        seed=data.seed,
-        shuffle=data.shuffle_buffer,
-        num_workers=data.num_workers,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-    )
+    processor = TokenProcessor(data, tokenizer, caption_len, grid, image_vocab)
+    return ShardLoader.from_config(data, processor, TokenCollate(caption_len, pad_id), dp_rank, dp_size)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..config import DataConfig, from_dict
 from ..devices import resolve_device
 from .pipeline import CODES_EXTENSION, ImageProcessor, ImageSample
-from .shards import ShardError, expand_shards, read_shard
+from .shards import expand_shards, read_shard
 
 FORMAT = "dalle_dist.tokens/1"
 
@@ -73,7 +73,7 @@ def codes_bytes(codes: np.ndarray) -> bytes:
 
 def dvae_data_config(path: str) -> tuple[Any, DataConfig]:
     """The dVAE checkpoint's model and data configs (its filters apply to the prior's pairs too)."""
-    from ..train.checkpoint import load_checkpoint
+    from ..files import load_checkpoint
 
     state = load_checkpoint(path)
     if state.get("stage") != "dvae":
@@ -92,7 +92,7 @@ def encode_batch(dvae: torch.nn.Module, items: list[ImageSample], device: torch.
 
 def run_job(job: Job) -> dict[str, Any]:
     """Encode and write this process's shards; returns its counts and the shards it wrote."""
-    from ..train.stages import load_dvae
+    from ..models.loading import load_dvae
 
     torch.set_num_threads(job.threads)
     device = torch.device(job.device)
@@ -220,14 +220,9 @@ def pretokenize(
 
 def cli_pretokenize(args: argparse.Namespace) -> int:
     try:
-        shards = expand_shards(args.shards)
-    except ShardError as err:
-        print(f"dalle-dist pretokenize: {err}", file=sys.stderr)
-        return 2
-    if args.procs < 1 or args.shard_size < 1 or args.batch_size < 1:
-        print("dalle-dist pretokenize: --procs, --shard-size and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
+        shards = expand_shards(args.shards)  # a bad pattern raises ShardError, a ValueError
+        if args.procs < 1 or args.shard_size < 1 or args.batch_size < 1:
+            raise ValueError("--procs, --shard-size and --batch-size must be >= 1")
         manifest = pretokenize(
             shards, args.dvae, args.out, args.procs, args.shard_size, args.batch_size, args.device, progress=True
         )

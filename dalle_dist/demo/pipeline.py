@@ -1,13 +1,13 @@
 """``dalle-dist demo``: the whole DALL-E recipe on the built-in synthetic shapes set, on CPU, in minutes.
 
-Every step runs the same command a user would type (``dalle-dist ...`` or ``torchrun launch/run.py``) in a
+Every step runs the same command a user would type (``dalle-dist ...`` or ``torchrun -m dalle_dist.launch``) in a
 subprocess, with its output in ``OUT/logs/NN_step.log``:
 
 1. ``data shapes``       training shards + shards of held-out (colour, shape) pairs [P §3 zero-shot]
 2. ``tokenizer train``   BPE on the training captions [P §2.2]
 3. ``train-dvae``        stage 1 [P §2.1]
 4. ``pretokenize``       images → dVAE argmax codes [P §2.2]
-5. ``torchrun launch/run.py``  stage 2 on 2 gloo processes [P §2.2, §2.5]
+5. ``torchrun -m dalle_dist.launch``  stage 2 on 2 gloo processes [P §2.2, §2.5]
 6. ``train-reranker``    the contrastive reranker [P §2.6]
 7. ``export``            prior + dVAE + tokenizer + reranker in one directory
 8. ``generate``          N samples per seen and per held-out caption, reranked to the best K [P §2.6]
@@ -29,12 +29,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import build_config
+from ..config import build_config, shipped_configs
 from ..data.shapes import heldout_pairs
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER = REPO / "launch" / "run.py"
-CONFIGS = REPO / "configs" / "demo"
+# The directory this dalle_dist is imported from (a checkout, or site-packages): every step's subprocess imports
+# the same copy. The launcher is a module of the package, the configs its package data (or the checkout's).
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = "dalle_dist.launch"
+CONFIGS = shipped_configs() / "demo"
 
 
 @dataclass
@@ -187,7 +189,8 @@ def build_steps(s: DemoSettings) -> list[Step]:
                 "--standalone",
                 "--nproc-per-node",
                 "2",
-                str(LAUNCHER),
+                "-m",
+                LAUNCHER,
                 "--stage",
                 "prior",
                 "--config",
@@ -365,7 +368,7 @@ def run_demo(s: DemoSettings, fresh: bool = False, log: Callable[[str], None] = 
         log(f"{tag} running ... (log: {logfile})")
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **step.env}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(IMPORT_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         with open(logfile, "w") as f:
             f.write("$ " + " ".join(step.cmd) + "\n")
             f.flush()

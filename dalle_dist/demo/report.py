@@ -100,7 +100,7 @@ def _dvae_section(out: Path, figures: Path) -> dict[str, Any]:
     """Reconstruct held-out images through the dVAE's argmax codes and judge them against their captions."""
     import torch
 
-    from ..train.stages import load_dvae
+    from ..models.loading import load_dvae
 
     shards = sorted((out / "data" / "heldout").glob("*.tar"))
     images, captions = _shard_images(shards, N_RECON)

@@ -149,28 +149,20 @@ def fit_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
 def judge_captions(images: list[np.ndarray], captions: list[str | None]) -> dict[str, Any]:
     """The synthetic judge over (image, caption) pairs: mean fraction of caption attributes satisfied, fraction of
     images satisfying all, and accuracy per attribute (colour, shape, size, position, relation)."""
-    from ..data.shapes import attribute_name, judge_image
+    from ..data.shapes import JudgeTally, judge_image
 
-    n, total, exact, errors = 0, 0.0, 0, 0
-    hits: dict[str, list[int]] = {}
+    tally = JudgeTally()
     for img, caption in zip(images, captions):
         if caption is None:
-            errors += 1
+            tally.errors += 1
             continue
         try:
             checks = judge_image(img, caption)
         except ValueError:  # a caption the synthetic grammar cannot parse
-            errors += 1
+            tally.errors += 1
             continue
-        n += 1
-        total += sum(checks.values()) / len(checks)
-        exact += all(checks.values())
-        for key, ok in checks.items():
-            counts = hits.setdefault(attribute_name(key), [0, 0])
-            counts[0] += int(ok)
-            counts[1] += 1
-    per = {k: a / b for k, (a, b) in sorted(hits.items())}
-    return dict(n=n, caption_match=total / max(n, 1), exact=exact / max(n, 1), per_attribute=per, errors=errors)
+        tally.add(checks)
+    return tally.summary()
 
 
 def fid_of_features(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,35 @@ def _check_float_4d(x: Tensor, channels: int, what: str) -> None:
         raise ValueError(f"{what} expects a floating-point tensor, got {x.dtype}")
 
 
+def _groups(
+    cfg: DVAEModelConfig,
+    n_in: int,
+    widths: list[int],
+    block: type[_ResBlock],
+    resample_name: str,
+    resample: Callable[[], nn.Module],
+) -> OrderedDict[str, nn.Module]:
+    """``group_1`` … ``group_G`` of the encoder or decoder [C encoder.py, decoder.py]: group g holds resblocks
+    ``block_1`` … ``block_{n_blk_per_group}`` of width ``widths[g-1]`` (the first one takes ``n_in`` channels), then
+    ``resample_name``: ``resample()`` after every group but the last. The names are the state dict's, as in [C]."""
+    n_layers = cfg.group_count * cfg.n_blk_per_group
+    groups: OrderedDict[str, nn.Module] = OrderedDict()
+    for g, width in enumerate(widths, start=1):
+        group: OrderedDict[str, nn.Module] = OrderedDict()
+        for i in range(1, cfg.n_blk_per_group + 1):
+            group[f"block_{i}"] = block(n_in, width, n_layers)
+            n_in = width
+        if g < cfg.group_count:
+            group[resample_name] = resample()
+        groups[f"group_{g}"] = nn.Sequential(group)
+    return groups
+
+
+def _output(n_in: int, n_out: int, keep_fp32: bool = False) -> nn.Sequential:
+    """The ``output`` stage of the encoder or decoder: ReLU, then a 1×1 conv [C]."""
+    return nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv2d(n_in, n_out, 1, keep_fp32=keep_fp32)))
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoder and decoder
 # --------------------------------------------------------------------------------------------------
@@ -143,22 +174,11 @@ class Encoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        n_layers = cfg.group_count * cfg.n_blk_per_group
         widths = [cfg.n_hid * 2**g for g in range(cfg.group_count)]  # n_hid·{1, 2, 4, 8} for 4 groups
         blocks: OrderedDict[str, nn.Module] = OrderedDict(input=Conv2d(cfg.input_channels, cfg.n_hid, 7))
-        n_in = cfg.n_hid
-        for g, width in enumerate(widths, start=1):
-            group: OrderedDict[str, nn.Module] = OrderedDict()
-            for i in range(1, cfg.n_blk_per_group + 1):
-                group[f"block_{i}"] = EncoderBlock(n_in, width, n_layers)
-                n_in = width
-            if g < cfg.group_count:
-                group["pool"] = nn.MaxPool2d(kernel_size=2)
-            blocks[f"group_{g}"] = nn.Sequential(group)
+        blocks.update(_groups(cfg, cfg.n_hid, widths, EncoderBlock, "pool", partial(nn.MaxPool2d, kernel_size=2)))
         # The codebook-sized projection stays in fp32 [C: use_float16=False].
-        blocks["output"] = nn.Sequential(
-            OrderedDict(relu=nn.ReLU(), conv=Conv2d(widths[-1], cfg.vocab_size, 1, keep_fp32=True))
-        )
+        blocks["output"] = _output(widths[-1], cfg.vocab_size, keep_fp32=True)
         self.blocks = nn.Sequential(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -181,23 +201,13 @@ class Decoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        n_layers = cfg.group_count * cfg.n_blk_per_group
         widths = [cfg.n_hid * 2 ** (cfg.group_count - g) for g in range(1, cfg.group_count + 1)]  # 8, 4, 2, 1 × n_hid
         blocks: OrderedDict[str, nn.Module] = OrderedDict(
             input=Conv2d(cfg.vocab_size, cfg.n_init, 1, keep_fp32=True)  # [C: use_float16=False]
         )
-        n_in = cfg.n_init
-        for g, width in enumerate(widths, start=1):
-            group: OrderedDict[str, nn.Module] = OrderedDict()
-            for i in range(1, cfg.n_blk_per_group + 1):
-                group[f"block_{i}"] = DecoderBlock(n_in, width, n_layers)
-                n_in = width
-            if g < cfg.group_count:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-            blocks[f"group_{g}"] = nn.Sequential(group)
-        blocks["output"] = nn.Sequential(
-            OrderedDict(relu=nn.ReLU(), conv=Conv2d(widths[-1], 2 * cfg.input_channels, 1))
-        )
+        upsample = partial(nn.Upsample, scale_factor=2, mode="nearest")
+        blocks.update(_groups(cfg, cfg.n_init, widths, DecoderBlock, "upsample", upsample))
+        blocks["output"] = _output(widths[-1], 2 * cfg.input_channels)
         self.blocks = nn.Sequential(blocks)
 
     def forward(self, z: Tensor) -> Tensor:

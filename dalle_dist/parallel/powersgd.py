@@ -13,12 +13,14 @@ Scaling (every replica i holds its own error buffer E_i; W replicas):
 - P, Q' and the update depend on the E_i only through Σ_i E_i, which is why a checkpoint stores only that sum
   [P E.2 notes].
 
+The plain all-reduce and the shared helpers are in :mod:`.allreduce`, the compression plan, the fixed Q and the
+byte accounting in :mod:`.powersgd_plan`; this module re-exports both, so import from here.
+
 No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations at registration.
 """
 
 import math
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,161 +29,47 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dalle_dist.config import CommConfig
+from dalle_dist.parallel.allreduce import (
+    AllReduceReducer,
+    ProcessGroup,
+    ReduceResult,
+    _all_reduce_sum,
+    _clip_coef,
+    _split,
+    finite_rows,
+    group_size,
+    plain_allreduce,
+)
 from dalle_dist.parallel.householder import householder_orthogonalize
+from dalle_dist.parallel.powersgd_plan import (
+    UNCOMPRESSED_PREFIXES,
+    MatrixPlan,
+    compression_plan,
+    fixed_q,
+    powersgd_bytes,
+    resblock_shapes,
+    resolve_rank,
+)
 
-# Embeddings, unembeddings and the final LayerNorm keep fp32 gradients and skip compression [P D.2].
-UNCOMPRESSED_PREFIXES: tuple[str, ...] = ("embed.", "head.")
-
-ProcessGroup = dist.ProcessGroup
-
-
-@dataclass
-class ReduceResult:
-    """What a replica reduction hands to the optimizer step. Identical on every replica of the group."""
-
-    grads: dict[str, Tensor]  # fp32, original shapes: mean (allreduce) or decompressed P̂·Qᵀ (powersgd), clipped
-    global_norm: float  # ‖update‖ before clipping [P E.2(9)]; inf when not finite
-    clip_coef: float  # factor already applied to ``grads``: min(1, max_norm / (norm + 1e-6)); 1 without clipping
-    finite: bool  # False: every replica skips the parameter and moment update together [P E.2(10-11)]
-    bytes_sent: dict[str, int]  # per-rank all-reduce payload: {"sent": this reduction, "uncompressed": fp32 all}
-
-    def copy_into(self, targets: Mapping[str, Tensor]) -> None:
-        """Write the reduced gradients into ``targets`` (e.g. ``{n: p.grad}``), casting to their dtype."""
-        with torch.no_grad():
-            for name, t in targets.items():
-                t.copy_(self.grads[name].view_as(t))
-
-
-# --------------------------------------------------------------------------------------------------
-# Process-group helpers: group=None means the default group, or one local replica when none is initialised.
-# --------------------------------------------------------------------------------------------------
-
-
-def group_size(group: ProcessGroup | None) -> int:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
-def _all_reduce_sum(t: Tensor, group: ProcessGroup | None, async_op: bool = False) -> Any:
-    if t.numel() > 0 and group_size(group) > 1:
-        return dist.all_reduce(t, group=group, async_op=async_op)
-    return None
-
-
-def _clip_coef(norm: float, max_norm: float | None) -> float:
-    if not max_norm:
-        return 1.0
-    return min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 0.0
-
-
-def finite_rows(x: Tensor) -> Tensor:
-    """(B, ...) → (B,) bool: no inf/NaN in each row. A sum is one pass where isfinite(x).all() is several; it
-    also overflows for values near the fp32 maximum, where skipping the step is the right call anyway."""
-    return torch.isfinite(x.reshape(x.shape[0], -1).sum(1))
-
-
-def _split(flat: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
-    out, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].view(shape)
-        offset += n
-    return out
-
-
-def plain_allreduce(
-    grads: Mapping[str, Tensor], group: ProcessGroup | None = None, max_norm: float | None = 4.0
-) -> ReduceResult:
-    """The uncompressed replica reduction: one fp32 all-reduce of every gradient plus the nonfinite flag.
-
-    The local flag rides in the same buffer (a sum of 0/1 is exact in fp32), so no extra collective is needed.
-    """
-    world = group_size(group)
-    device = next(iter(grads.values())).device
-    flat = torch.cat([g.detach().reshape(-1).float() for g in grads.values()] + [torch.zeros(1, device=device)])
-    flat[-1] = (~finite_rows(flat[None, :-1])[0]).float()  # local nonfinite flag [P E.2(10)]
-    _all_reduce_sum(flat, group)
-    flat[:-1] /= world
-    norm = float(torch.linalg.vector_norm(flat[:-1], dtype=torch.float64))  # fp64 sum over many elements
-    finite = float(flat[-1]) == 0 and math.isfinite(norm)
-    coef = _clip_coef(norm, max_norm)
-    if coef < 1.0:
-        flat[:-1] *= coef
-    nbytes = 4 * flat.numel()
-    shapes = {name: g.shape for name, g in grads.items()}
-    bytes_sent = {"sent": nbytes, "uncompressed": nbytes}
-    return ReduceResult(_split(flat[:-1], shapes), norm if finite else math.inf, coef, finite, bytes_sent)
-
-
-# --------------------------------------------------------------------------------------------------
-# Which matrices are compressed, and at what rank
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MatrixPlan:
-    """How one gradient is seen by PowerSGD: an (m, n) matrix with m ≤ n, compressed at rank r."""
-
-    shape: torch.Size  # the gradient's own shape
-    m: int
-    n: int
-    transpose: bool  # the (shape[0], rest) view is transposed so that m ≤ n [P E.2 notes]
-    rank: int  # min(rank, m)
-
-
-def _excluded(name: str, prefixes: Sequence[str]) -> bool:
-    dotted = "." + name
-    return any("." + p in dotted for p in prefixes)  # also matches wrapped names like "module.embed.x"
-
-
-def compression_plan(
-    shapes: Mapping[str, Sequence[int]],
-    rank: int,
-    min_compression_rate: float = 1.0,
-    uncompressed_prefixes: Sequence[str] = UNCOMPRESSED_PREFIXES,
-) -> tuple[dict[str, MatrixPlan], list[str]]:
-    """Split gradients into compressed matrices and the uncompressed fp32 rest [P D.2, E.2(8)].
-
-    Uncompressed: gains and biases (ndim < 2), names under ``uncompressed_prefixes`` (embeddings, unembeddings),
-    and any matrix where r·(m + n)·min_compression_rate ≥ m·n (compression would not save bytes; torch's hook has
-    the same option, and 0 compresses every eligible matrix, which the full-rank tests use).
-    """
-    if rank < 1:
-        raise ValueError(f"PowerSGD rank must be >= 1; got {rank}")
-    plans: dict[str, MatrixPlan] = {}
-    rest: list[str] = []
-    for name, shape in shapes.items():
-        shape = torch.Size(shape)
-        if len(shape) < 2 or _excluded(name, uncompressed_prefixes) or shape.numel() == 0:
-            rest.append(name)
-            continue
-        rows, cols = shape[0], shape.numel() // shape[0]
-        m, n = min(rows, cols), max(rows, cols)
-        r = min(rank, m)
-        if r * (m + n) * min_compression_rate >= m * n:
-            rest.append(name)
-            continue
-        plans[name] = MatrixPlan(shape, m, n, rows > cols, r)
-    return plans, rest
-
-
-def resolve_rank(comm: CommConfig, d_model: int, shards: int = 1) -> int:
-    """Rank per compressed matrix: ``powersgd_rank`` if > 0, else round(fraction · d_model), split over shards.
-
-    The paper's rank is per machine: the 12B model uses 896 in total, 112 per GPU for its 8 shards [P B.2].
-    """
-    total = comm.powersgd_rank if comm.powersgd_rank > 0 else round(comm.powersgd_rank_fraction * d_model)
-    return max(1, total // shards)
-
-
-def fixed_q(name: str, n: int, rank: int, seed: int) -> Tensor:
-    """The fixed Gaussian Q of one matrix, drawn at the start and never updated [P §2.5 fn 10]: (n, rank) fp32.
-
-    Seeded by (seed, name) only, so it is identical on every replica and independent of the other parameters.
-    """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62)
-    return torch.randn(n, rank, generator=g)  # (n, r)
+__all__ = [
+    "UNCOMPRESSED_PREFIXES",
+    "AllReduceReducer",
+    "MatrixPlan",
+    "PowerSGDHookState",
+    "PowerSGDReducer",
+    "ProcessGroup",
+    "ReduceResult",
+    "build_replica_reducer",
+    "compression_plan",
+    "finite_rows",
+    "fixed_q",
+    "group_size",
+    "plain_allreduce",
+    "powersgd_bytes",
+    "powersgd_comm_hook",
+    "resblock_shapes",
+    "resolve_rank",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,22 +313,6 @@ class PowerSGDReducer:
 # --------------------------------------------------------------------------------------------------
 
 
-class AllReduceReducer:
-    """:func:`plain_allreduce` with the reducer interface (no state)."""
-
-    def __init__(self, group: ProcessGroup | None = None, max_norm: float | None = 4.0) -> None:
-        self.group, self.max_norm = group, max_norm
-
-    def reduce(self, grads: Mapping[str, Tensor]) -> ReduceResult:
-        return plain_allreduce(grads, self.group, self.max_norm)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
-
-
 def build_replica_reducer(
     comm: CommConfig,
     params: Mapping[str, Tensor | Sequence[int]],
@@ -484,43 +356,3 @@ def powersgd_comm_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> tor
     fut: torch.futures.Future[Tensor] = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
-
-
-# --------------------------------------------------------------------------------------------------
-# Bytes per step, Table 2's accounting [P E.1, Table 2]
-# --------------------------------------------------------------------------------------------------
-
-
-def resblock_shapes(d_model: int, n_layers: int, mlp_ratio: int = 4) -> list[tuple[int, int]]:
-    """The compressed matrices of the prior, torch (out, in) layout: q, k, v, out (d×d), fc1, fc2 per layer."""
-    h = mlp_ratio * d_model
-    return [(d_model, d_model)] * 4 * n_layers + [(h, d_model), (d_model, h)] * n_layers
-
-
-def powersgd_bytes(
-    shapes: Iterable[tuple[int, int]], rank: int, shards: int = 1, bytes_per_el: int = 2
-) -> dict[str, float]:
-    """Per-GPU bytes of one replica reduction of ``shapes``, uncompressed vs PowerSGD [P Table 2].
-
-    Each full matrix is sharded ``shards`` ways along its larger side (Table 2: axis 1, except the second MLP
-    matrix on axis 0; these are the 4d sides), and each GPU compresses its shard at rank ``rank // shards``
-    (12B: 896 → 112 [P B.2]), sending P and Q of (rows + cols)·r elements instead of rows·cols. The paper sends
-    both in 16-bit formats (``bytes_per_el=2``). For the prior's resblocks the saved fraction is
-    1 − r(m+2)/(2dm) with m = shards.
-    """
-    if rank % shards:
-        raise ValueError(f"rank {rank} is not divisible by shards={shards}")
-    r = rank // shards
-    plain = packed = 0
-    for rows, cols in shapes:
-        big = max(rows, cols)
-        if big % shards:
-            raise ValueError(f"matrix {rows}×{cols} cannot be split {shards} ways along its larger side")
-        a, b = min(rows, cols), big // shards  # shard sides
-        plain += a * b
-        packed += (a + b) * min(r, a, b)
-    return {
-        "bytes_uncompressed": plain * bytes_per_el,
-        "bytes_powersgd": packed * bytes_per_el,
-        "saved_fraction": 1 - packed / plain,
-    }

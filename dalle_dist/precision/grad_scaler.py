@@ -206,7 +206,8 @@ class ResblockGradScaler:
                 for g in tensors:
                     if g.dtype != torch.float32:
                         raise TypeError(
-                            f"resblock {key}: gradient is {g.dtype}; unscaling needs fp32 storage (apply_stage_precision)"
+                            f"resblock {key}: gradient is {g.dtype}; unscaling needs the fp32 storage of "
+                            "apply_stage_precision"
                         )
                     g.mul_(inv)
             checks.append((key, torch.stack([torch.isfinite(g).all() for g in tensors]).all()))

@@ -172,14 +172,14 @@ def train_reranker(
     seed: int = 0,
     *,
     device: str = "auto",
-    config: RerankerConfig | None = None,
-    weight_decay: float = 0.05,
-    warmup: int = 50,
-    holdout_every: int = 20,
-    eval_size: int = 256,
+    config: RerankerConfig | None = None,  # default: the tokenizer's vocabulary, text_len 32 (BPE) or 96 (bytes)
+    weight_decay: float = 0.05,  # AdamW, on matrices and kernels only (see _optimizer)
+    warmup: int = 50,  # linear warm-up steps, then cosine decay to a tenth of lr
+    holdout_every: int = 20,  # one sample in this many (by key) is held out of training; 0: none
+    eval_size: int = 256,  # held-out samples scored at the end
     shuffle_buffer: int = 1000,
-    mirror: bool = True,
-    swap_negatives: bool = True,
+    mirror: bool = True,  # append a left-right mirrored copy of each sample whose caption names a side, sides swapped
+    swap_negatives: bool = True,  # captions with their spatial words swapped as text-only hard negatives
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train on ``shards`` (all but one sample in ``holdout_every``), save to ``out_dir``; returns the summary."""

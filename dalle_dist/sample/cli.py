@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reranker",
         metavar="DIR",
-        help="reranker directory (dalle-dist train-reranker); default: CHECKPOINT/reranker (export --reranker)",
+        help=f"reranker directory (dalle-dist train-reranker); default: CHECKPOINT/{RERANKER} (export --reranker)",
     )
     p.add_argument(
         "--clip", metavar="PATH", help="rerank with a local open_clip checkpoint (pip install open_clip_torch)"

@@ -33,9 +33,16 @@ from ..models.prior import IGNORE_INDEX
 from ..parallel.parallelize import apply_prior_fsdp, build_prior_parts
 from ..parallel.pipeline import make_loss_fn, pack_targets
 from ..parallel.powersgd import PowerSGDReducer
-from ..parallel.topology import Topology, build_mesh
-from ..precision import REST, ResblockGradScaler, ShardedAdamW32, decay_groups, grads_by_block, round_to_storage_
-from ..precision import sync_finite_flags
+from ..parallel.topology import build_mesh
+from ..precision import (
+    REST,
+    ResblockGradScaler,
+    ShardedAdamW32,
+    decay_groups,
+    grads_by_block,
+    round_to_storage_,
+    sync_finite_flags,
+)
 from .checkpoint import rng_state, set_rng_state
 from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
 from .ema import EMA
@@ -303,7 +310,8 @@ class PriorTrainer:
     def save(self) -> Path:
         """Collective: a complete ``checkpoints/step_N`` directory (atomic rename), the last N kept."""
         state = {
-            "stage": "prior", "step": self.step_num, "schedule": self.schedule.state_dict(), "config": to_dict(self.cfg),
+            "stage": "prior", "step": self.step_num, "schedule": self.schedule.state_dict(),
+            "config": to_dict(self.cfg),
             "topology": self.topology.describe(), "ema_calls": self.ema.calls, "data": self.data.state(),
             "precision": {"grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None},
         }  # fmt: skip

@@ -7,7 +7,8 @@ import sys
 import torch
 from _torchrun import ROOT, env, losses_by_step
 
-from dalle_dist.train.stages import load_dvae
+from dalle_dist.files import load_checkpoint
+from dalle_dist.models.loading import load_dvae
 
 ARGS = ["launch/run.py", "--stage", "dvae", "--config", "configs/dvae/tiny.yaml", "--train.log_every", "1",
         "--train.progress", "false"]  # fmt: skip
@@ -50,7 +51,8 @@ def test_dvae_data_parallel_on_shards_resumes_exactly(tmp_path):
     r = run(2, *args, "--train.steps", "6", "--train.out_dir", str(tmp_path / "full"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert run(2, *args, "--train.steps", "3", "--train.out_dir", str(tmp_path / "part")).returncode == 0
-    assert (tmp_path / "part" / "data_rank1of2.pt").is_file()
+    cursors = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["data"]  # every rank's cursor, in one file
+    assert cursors["world"] == 2 and len(cursors["cursors"]) == 2
     r = run(2, *args, "--train.steps", "6", "--train.out_dir", str(tmp_path / "part"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert losses_by_step(tmp_path / "part") == losses_by_step(tmp_path / "full")

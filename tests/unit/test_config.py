@@ -1,5 +1,6 @@
 """Config: flavors, YAML overlays, dotted overrides, refusals with the closest valid name."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -7,10 +8,14 @@ import pytest
 from dalle_dist.config import (
     PRIOR_FLAVORS,
     ConfigError,
+    add_config_arguments,
     build_config,
+    config_from_args,
     from_dict,
     model_config,
     parse_overrides,
+    resolve_config_path,
+    shipped_configs,
     to_dict,
 )
 
@@ -119,3 +124,31 @@ def test_shipped_yaml_configs_load():
         assert files
         for f in files:
             build_config(stage, [f])
+
+
+def test_configs_paths_fall_back_to_the_shipped_copy(tmp_path: Path, monkeypatch):
+    """From a checkout the shipped copy is configs/ at its root; installed, the wheel's package data."""
+    root = Path(__file__).resolve().parents[2] / "configs"
+    assert shipped_configs() == root
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert resolve_config_path("configs/prior/tiny.yaml") == root / "prior" / "tiny.yaml"
+    assert build_config("prior", ["configs/prior/tiny.yaml"]) == build_config("prior", [root / "prior" / "tiny.yaml"])
+    with pytest.raises(ConfigError, match="'configs/prior/nope.yaml' not found"):
+        build_config("prior", ["configs/prior/nope.yaml"])
+    with pytest.raises(ConfigError, match="'prior/tiny.yaml' not found"):
+        build_config("prior", ["prior/tiny.yaml"])  # only configs/... paths fall back
+    local = tmp_path / "configs" / "prior" / "tiny.yaml"  # a file in the working directory wins
+    local.parent.mkdir(parents=True)
+    local.write_text("train:\n  steps: 3\n")
+    assert build_config("prior", ["configs/prior/tiny.yaml"]).train.steps == 3
+
+
+def test_config_from_args_is_the_command_line_reading():
+    """`dalle-dist train-*` / `config` and the torchrun launcher read --config, --flavor and overrides here."""
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    args, extra = p.parse_known_args(["--config", "configs/prior/tiny.yaml", "--flavor", "small", "--train.steps=4"])
+    cfg = config_from_args("prior", args, extra)
+    assert cfg.model.flavor == "small" and cfg.train.steps == 4
+    with pytest.raises(ConfigError, match="--section.key"):
+        config_from_args("prior", args, ["stray"])

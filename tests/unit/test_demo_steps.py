@@ -44,3 +44,14 @@ def test_demo_defaults_agree_with_the_prior_config(tmp_path) -> None:
     cmd = _cmd(tmp_path)
     assert cmd[cmd.index("--train.steps") + 1] == str(s.prior_steps)
     assert cmd[cmd.index("--optim.lr_steps") + 1] == str(s.prior_steps)
+
+
+def test_prior_step_launches_the_package_module_with_shipped_configs(tmp_path) -> None:
+    """torchrun runs ``-m dalle_dist.launch`` (no path into a checkout), with the demo YAML that ships."""
+    assert (CONFIGS / "prior.yaml").is_file() and (CONFIGS / "dvae.yaml").is_file()
+    cmd = _cmd(tmp_path)
+    i = cmd.index("torch.distributed.run")
+    assert cmd[i - 1] == "-m" and "--nproc-per-node" in cmd
+    assert cmd[cmd.index("dalle_dist.launch") - 1] == "-m"
+    assert not any(c.endswith("run.py") for c in cmd)
+    assert cmd[cmd.index("--config") + 1] == str(CONFIGS / "prior.yaml")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dalle_dist.config import ConfigError, DVAEModelConfig, PrecisionConfig, PriorModelConfig, build_config
+from dalle_dist.files import load_checkpoint
 from dalle_dist.models.dvae import Conv2d, DiscreteVAE
 from dalle_dist.models.prior import DallePrior
 from dalle_dist.precision import (
@@ -20,7 +21,6 @@ from dalle_dist.precision import (
     grads_by_block,
     keeps_fp32,
 )
-from dalle_dist.files import load_checkpoint
 from dalle_dist.train.export import read_prior_weights
 from dalle_dist.train.stages import DVAETrainer, PriorTrainer
 

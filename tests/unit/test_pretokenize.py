@@ -17,8 +17,8 @@ from dalle_dist.data.pipeline import CODES_EXTENSION, load_codes
 from dalle_dist.data.preprocess import centre_crop_resize
 from dalle_dist.data.pretokenize import cli_pretokenize
 from dalle_dist.data.shards import expand_shards, read_shard
-from dalle_dist.train.checkpoint import load_checkpoint
-from dalle_dist.train.stages import DVAETrainer, PriorTrainer, load_dvae
+from dalle_dist.models.loading import load_dvae
+from dalle_dist.train.stages import DVAETrainer, PriorTrainer
 
 COUNTS = [4, 3, 5]
 
@@ -114,16 +114,17 @@ def test_prior_trainer_resume_on_token_shards_reproduces_uninterrupted_run(tmp_p
     first = [h["loss"] for h in PriorTrainer(prior_cfg(tmp_path / "part", tokens, 2, **batch4)).fit()]
     rest = [h["loss"] for h in PriorTrainer(prior_cfg(tmp_path / "part", tokens, 4, **batch4)).fit()]
     assert first + rest == full
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["data"]
-    assert a == load_checkpoint(tmp_path / "part" / "checkpoint.pt")["data"]
+    cursor = ("checkpoints", "step_00000004", "data_dp0of1.pt")  # the one dp rank's cursor file
+    a = torch.load(tmp_path.joinpath("full", *cursor), weights_only=True)
+    assert a == torch.load(tmp_path.joinpath("part", *cursor), weights_only=True)
     assert a["cursors"][0]["epoch"] == 1
 
 
 def test_prior_counts_truncated_captions_and_checks_the_grid(tmp_path, tokens):
     trainer = PriorTrainer(prior_cfg(tmp_path, tokens, 1, **{"model.text_len": "10"})).build()  # 8 caption slots
-    batch = trainer.loader.next_batch()
+    batch = trainer.data.loader.next_batch()
     assert batch["text"].shape == (3, 8) and batch["image"].shape == (3, 64) and batch["image"].max() < 512
-    assert trainer.loader.counted["caption_truncated"] == 3  # "a picture number …" is longer than 8 bytes
+    assert trainer.data.loader.counted["caption_truncated"] == 3  # "a picture number …" is longer than 8 bytes
     with pytest.raises(ValueError, match="--model.grid 8"):
         PriorTrainer(prior_cfg(tmp_path, tokens, 1, **{"model.grid": "4"})).build()
 
@@ -136,7 +137,7 @@ def test_prior_uses_the_bpe_tokenizer_when_given(tmp_path, tokens):
     path = tmp_path / "bpe.json"
     tok_mod.save_tokenizer(tok_mod.train_bpe(captions * 5, vocab_size=300, min_frequency=1), str(path))
     trainer = PriorTrainer(prior_cfg(tmp_path, tokens, 1, **{"data.tokenizer": str(path)})).build()
-    batch = trainer.loader.next_batch()
+    batch = trainer.data.loader.next_batch()
     ids = batch["text"][0][batch["text"][0] != 0].tolist()
     assert tok_mod.load_tokenizer(str(path)).decode(ids) == batch["captions"][0]
 

@@ -169,7 +169,7 @@ def big_shards(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_dvae_trainer_resume_on_shards_reproduces_uninterrupted_run(tmp_path, big_shards, workers):
-    from dalle_dist.train.checkpoint import load_checkpoint
+    from dalle_dist.files import load_checkpoint
     from dalle_dist.train.stages import DVAETrainer
 
     def cfg(out, steps):
@@ -193,7 +193,7 @@ def test_dvae_trainer_resume_on_shards_reproduces_uninterrupted_run(tmp_path, bi
     assert first + rest == full  # bit-exact: same samples, same crops, same model
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["data"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["data"]
-    assert a == b and a["num_readers"] == max(1, workers)
+    assert a == b and a["world"] == 1 and a["cursors"][0]["num_readers"] == max(1, workers)
 
 
 def test_stage_source_mismatch_is_explained(tmp_path, big_shards):
@@ -205,4 +205,4 @@ def test_stage_source_mismatch_is_explained(tmp_path, big_shards):
     cfg = build_config("dvae", overrides={"data.source": "tokens", "data.shards": big_shards[0]})
     cfg.train.out_dir = str(tmp_path)
     with pytest.raises(ConfigError, match="data.source shards"):
-        DVAETrainer(cfg).build()
+        DVAETrainer(cfg)  # refused before any process group starts

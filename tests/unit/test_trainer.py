@@ -1,4 +1,5 @@
-"""Both trainers in one process (the 1-rank job of the engine): loss falls on a tiny fixed batch, checkpoints round-trip exactly, metrics logged."""
+"""Both trainers in one process (the 1-rank job of the engine): loss falls on a tiny fixed batch, checkpoints
+round-trip exactly, metrics logged."""
 
 import json
 from pathlib import Path
@@ -8,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_dist.config import build_config
+from dalle_dist.config import ConfigError, build_config
 from dalle_dist.files import load_checkpoint
 from dalle_dist.models.loading import load_dvae
-from dalle_dist.config import ConfigError
 from dalle_dist.train.export import read_prior_weights
 from dalle_dist.train.stages import DVAETrainer, PriorTrainer
 
@@ -178,3 +178,21 @@ def test_prior_refuses_mismatched_dvae(tmp_path, folder, dvae_ckpt):
     }
     with pytest.raises(ValueError, match="--model.grid 8"):
         PriorTrainer(prior_cfg(tmp_path, **over)).build()
+
+
+def test_old_checkpoint_converts_and_resumes_like_an_unbroken_run(tmp_path):
+    """An earlier version's one-process checkpoint.pt → checkpoints/step_3 → the engine resumes it to step 6 and
+    follows the engine's own 6-step run (the old trainer's AdamW32 loop and torch's foreach AdamW round apart)."""
+    from _legacy import legacy_prior_checkpoint
+
+    from dalle_dist.train.convert import convert_checkpoint
+
+    old, _ = legacy_prior_checkpoint(tmp_path / "old" / "checkpoint.pt", steps=3)
+    step_dir = convert_checkpoint(old)
+    assert step_dir == tmp_path / "old" / "checkpoints" / "step_00000003"
+    resumed = PriorTrainer(prior_cfg(tmp_path / "old", **{"train.steps": "6"}))
+    rest = [h["loss"] for h in resumed.fit()]
+    full = [h["loss"] for h in PriorTrainer(prior_cfg(tmp_path / "new", **{"train.steps": "6"})).fit()]
+    assert resumed.step_num == 6 and len(rest) == 3
+    assert rest == pytest.approx(full[3:], rel=1e-5)
+    assert resumed.ema.calls == 6
