@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.commands import register as register_data_commands
 
     register_data_commands(sub)
+    from .train.convert import register as register_convert_command
+
+    register_convert_command(sub)
     return parser
 
 
