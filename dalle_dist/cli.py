@@ -43,56 +43,6 @@ def _cmd_train(stage: str, args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-# ``plan --dry-run`` options, named as the fields of ``plan_dry_run.DryRunOptions``; None means its default.
-DRY_RUN_OPTIONS = (
-    "topology",
-    "gpu",
-    "precision",
-    "powersgd_rank",
-    "global_batch",
-    "microbatches",
-    "micro_batch",
-    "virtual_stages",
-    "master_weights",
-    "attention",
-    "ema_on_device",
-    "pp_reshard_per_microbatch",
-    "activation_checkpointing",
-    "storage",
-    "fc2_shard_dim",
-    "nodes",
-    "gpus_per_node",
-)
-
-
-def _cmd_plan_dry_run(args: argparse.Namespace) -> int:
-    if args.prior is None or args.dvae is not None:
-        raise ConfigError("plan --dry-run simulates training the prior: pass --prior FLAVOR (and no --dvae)")
-    from .plan_dry_run import DryRunOptions, dry_run, format_dry_run
-
-    given = {k: getattr(args, k) for k in DRY_RUN_OPTIONS if getattr(args, k) is not None}
-    result = dry_run(DryRunOptions(flavor=args.prior, **given))
-    print(json.dumps(result, indent=2) if args.json else format_dry_run(result))
-    return 0
-
-
-def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise ConfigError(f"plan takes no overrides, got {extra}")
-    if args.dry_run:
-        return _cmd_plan_dry_run(args)
-    unused = [k for k in DRY_RUN_OPTIONS if getattr(args, k) is not None]
-    if unused:
-        raise ConfigError(f"--{unused[0].replace('_', '-')} is an option of the simulation: add --dry-run")
-    if args.prior is None and args.dvae is None:
-        raise ConfigError("plan needs --prior FLAVOR and/or --dvae FLAVOR")
-    from .plan import format_plan, plan
-
-    result = plan(prior=args.prior, dvae=args.dvae)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0
-
-
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = config_from_args(args.stage, args, extra)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -142,59 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arguments(p)
         p.set_defaults(run=lambda a, e, s=stage: _cmd_train(s, a, e))
 
-    p = sub.add_parser(
-        "plan",
-        help="count parameters and weight bytes of a flavor (meta device, no memory)",
-        description="Build the models on the meta device and print parameter counts and weight sizes.",
-    )
-    p.add_argument("--prior", choices=list(FLAVORS["prior"]), help="prior flavor, e.g. 12B")
-    p.add_argument("--dvae", choices=list(FLAVORS["dvae"]), help="dVAE flavor, e.g. openai")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="simulate one training step of the prior on --topology: per-rank memory, pipeline bubble, replica "
-        "traffic (meta device, fake process group; docs/scaling.md)",
-    )
-    p.add_argument("--topology", help="pp=P,replicate=R,shard=S (default pp=1,replicate=128,shard=8 [P B.2])")
-    p.add_argument(
-        "--gpu",
-        help="v100-16gb (default), v100-32gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb; usable = nominal "
-        "− 1 GiB − 5%%",
-    )
-    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="weight-matrix storage (default fp16)")
-    p.add_argument("--powersgd-rank", type=int, help="total PowerSGD rank per matrix (12B: 896); 0 (default): none")
-    p.add_argument("--global-batch", type=int, help="samples per step over all replicas (default 1024 [P B.2])")
-    p.add_argument("--microbatches", type=int, help="pipeline microbatches (default: per-rank batch when pp > 1)")
-    p.add_argument("--micro-batch", type=int, help="samples per microbatch (default 1 when pp > 1)")
-    p.add_argument("--virtual-stages", type=int, help="stages per pp rank, interleaved 1F1B (default 1)")
-    p.add_argument("--master-weights", action="store_const", const=True, help="fp32 master weights in AdamW32")
-    p.add_argument("--attention", choices=["efficient", "math"], help="SDPA kernel (math materialises B·h·T²)")
-    p.add_argument(
-        "--ema-on-cpu", dest="ema_on_device", action="store_const", const=False, help="EMA off the GPU [P B.2]"
-    )
-    p.add_argument(
-        "--pp-reshard-per-microbatch",
-        action="store_const",
-        const=True,
-        help="model an engine that reshards and reduce-scatters every microbatch (torch's pipelining does not)",
-    )
-    p.add_argument(
-        "--storage",
-        choices=["engine", "policy"],
-        help="engine (default): fp32 shards gathered in 16 bits, as the engine runs under FSDP2; policy: 16-bit shards",
-    )
-    p.add_argument(
-        "--no-activation-checkpointing",
-        dest="activation_checkpointing",
-        action="store_const",
-        const=False,
-        help="keep every resblock's activations (default: recompute them [P §2.4])",
-    )
-    p.add_argument("--fc2-shard-dim", type=int, choices=[0, 1], help="FSDP2 shard dim of fc2 (1: the paper's)")
-    p.add_argument("--nodes", type=int, help="machines; the topology must multiply out to nodes × gpus-per-node")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per machine (default 8 [P E.2])")
-    p.set_defaults(run=_cmd_plan)
+    from .plan_cli import register as register_plan_command
+
+    register_plan_command(sub)
 
     p = sub.add_parser(
         "config",

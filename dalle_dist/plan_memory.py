@@ -188,7 +188,7 @@ def _powersgd_plan(params: list[ParamShard], rank: int, comm: CommConfig) -> tup
 def reduce_workspace_bytes(params: list[ParamShard], replicate: int, pq_rank: int, comm: CommConfig) -> dict[str, Any]:
     """Transients of the replica reduction, after backward (activations and FSDP buffers are free by then).
 
-    - plain all-reduce (``_reduce_replicas``): fp32 copies of any 16-bit gradients, then one flat fp32 buffer.
+    - plain all-reduce (``PriorTrainer._reduce``): fp32 copies of any 16-bit gradients, then one flat fp32 buffer.
     - PowerSGD (``PowerSGDReducer.reduce``): the largest same-shape batch stacked, cast to fp32 and masked; then the
       fp32 result of every gradient (``ReduceResult.grads``) beside one batch's decompressed update, the flat
       uncompressed buffer twice (sum and clipped copy) and P, P̂, Q.
@@ -391,4 +391,3 @@ def rank_memory(
             "total": paper,
         },
     }
-

@@ -1,4 +1,4 @@
-"""Token shards (``data.source=tokens``) in the distributed prior trainer, under real torchrun + gloo.
+"""Token shards (``data.source=tokens``) in the prior engine, under real torchrun + gloo.
 
 Only the dp ranks split the shards (rank r of R reads permuted shards r, r+R, …), so the global batch of R dp
 ranks is the concatenation of R per-rank streams, not the one-rank stream cut into R: a different sample order by
@@ -56,11 +56,11 @@ def reference(shards, tmp_path_factory) -> tuple[list[float], ConcatLoader]:
             "data.source": "tokens", "data.shards": shards, "data.shuffle_buffer": "4"}  # fmt: skip
     trainer = PriorTrainer(build_config("prior", ["configs/prior/tiny.yaml"], over)).build()
     m, per_rank = trainer.cfg.model, dataclasses.replace(trainer.cfg.data, batch_size=trainer.cfg.data.batch_size // 2)
-    trainer.loader = ConcatLoader([
+    trainer.data.loader = ConcatLoader([
         token_loader(per_rank, ByteTokenizer(), m.caption_len, m.grid, m.image_vocab, m.text_pad_id, r, 2)
         for r in range(2)
     ])  # fmt: skip
-    return [trainer.step()["loss"] for _ in range(STEPS)], trainer.loader
+    return [trainer.step()["loss"] for _ in range(STEPS)], trainer.data.loader
 
 
 @pytest.fixture(scope="module")

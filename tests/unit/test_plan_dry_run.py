@@ -7,22 +7,28 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from dalle_dist.config import ConfigError, model_config
+import dalle_dist.parallel.parallelize as parallelize
+from dalle_dist.config import ConfigError, build_config
 from dalle_dist.parallel.pipeline import bubble_fraction
 from dalle_dist.parallel.topology import Topology
 from dalle_dist.plan_dry_run import (
+    FP32,
     GIB,
     DryRunOptions,
     dry_run,
+    fake_process_group,
     format_dry_run,
     in_flight,
     in_flight_per_stage,
+    prior_run_config,
     shard_sizes,
     shard_stages,
     usable_bytes,
 )
+from dalle_dist.train.prior_checks import check_prior_config
 
 TINY = dict(flavor="tiny", global_batch=16)
 
@@ -56,9 +62,9 @@ def test_json_keys_and_total_is_the_peak_of_its_parts():
 
 
 def test_shards_over_every_rank_add_up_to_the_model():
-    cfg = model_config("prior", "tiny")
     topo = Topology(pp=2, replicate=1, shard=3)  # 3 does not divide 64: FSDP2 pads, the last shard is smaller
     opts = DryRunOptions(topology=topo.describe(), flavor="tiny", global_batch=12)
+    cfg = prior_run_config(opts)
     local = stage = 0
     for pp_rank in range(topo.pp):
         for shard_rank in range(topo.shard):
@@ -165,3 +171,63 @@ def test_cli_dry_run():
     assert r.returncode == 2 and "= 1024 processes, but 800 were started" in r.stderr
     r = run_cli("plan", "--prior", "12B", "--topology", "pp=2,replicate=64,shard=8")
     assert r.returncode == 2 and "add --dry-run" in r.stderr
+
+
+def test_stages_are_built_by_the_trainers_functions(monkeypatch):
+    """The planner's shards come from build_prior_parts + apply_prior_fsdp, not from a copy of them."""
+    calls = []
+    real_apply_fsdp = parallelize.apply_fsdp
+
+    def spy(stages, *args, **kwargs):
+        calls.append([s.keys for s in stages])
+        return real_apply_fsdp(stages, *args, **kwargs)
+
+    monkeypatch.setattr(parallelize, "apply_fsdp", spy)
+    opts = DryRunOptions(topology="pp=2,replicate=1,shard=2", virtual_stages=2, **TINY)
+    cfg = prior_run_config(opts)
+    topo = check_prior_config(cfg)
+    r = dry_run(opts, cfg)
+    assert len(calls) == topo.pp  # once per pp rank, with that rank's two virtual stages
+    for pp_rank, rank in enumerate(r["ranks"]):
+        with fake_process_group(0, 1), torch.random.fork_rng(devices=[]):
+            parts = parallelize.build_prior_parts(cfg, topo, pp_rank, torch.device("meta"))
+        measured = [p.name for s in shard_stages(cfg, topo, pp_rank, opts) for p in s.params]
+        assert measured == [n for s in parts.stages for n, _ in s.named_parameters()]
+        assert sorted(measured) == sorted(n for n, _ in parts.view.named_parameters())
+        assert rank["stages"] == parts.pipeline.stage_ids
+    assert not dist.is_initialized()
+
+
+def test_run_config_settings_and_the_trainers_messages():
+    cfg = build_config(
+        "prior",
+        ["configs/prior/tiny.yaml"],
+        {"parallel.topology": "pp=1,replicate=2,shard=2", "data.batch_size": 8, "precision.dtype": "bf16"},
+    )
+    r = dry_run(DryRunOptions(gpu="h100-80gb"), cfg)  # the options' flavor, topology, batch ... are not read
+    assert r["flavor"] == "tiny" and r["topology"]["world_size"] == 4 and r["batch"]["global"] == 8
+    assert r["settings"]["precision"] == "bf16" and r["run_config"]["precision"]["dtype"] == "bf16"
+    assert r["settings"]["activation_checkpointing"] is cfg.precision.activation_checkpointing
+    cfg.data.batch_size = 6  # does not divide over 4 data-parallel ranks
+    with pytest.raises(ConfigError) as trainer:
+        check_prior_config(cfg, 4)
+    with pytest.raises(ConfigError) as planner:
+        dry_run(DryRunOptions(), cfg)
+    assert str(planner.value) == str(trainer.value) and "data.batch_size=6 is the global batch" in str(trainer.value)
+
+
+def test_modelled_options_are_named_and_the_optimizer_is_the_engines():
+    base = DryRunOptions(topology="pp=1,replicate=2,shard=1", flavor="tiny", global_batch=8)
+    built = dry_run(base)
+    assert built["settings"]["modelled"] == [] and not any("modelled" in n for n in built["notes"])
+    what_if = dry_run(DryRunOptions(**{**base.__dict__, "storage": "policy", "ema_on_device": False}))
+    assert what_if["settings"]["modelled"] == ["--storage policy", "--ema-on-cpu"]
+    assert any(n.startswith("modelled, not built: --storage policy, --ema-on-cpu") for n in what_if["notes"])
+    # fp16 without master weights: the trainer builds ShardedAdamW32, which loops (no foreach copy at shard = 1).
+    m = built["per_rank_memory_bytes"]
+    cfg = prior_run_config(base)
+    biggest = max(p.local_numel for s in shard_stages(cfg, check_prior_config(cfg), 0, base) for p in s.params)
+    assert built["settings"]["optimizer"] == "ShardedAdamW32" and m["optimizer_workspace"] == 2 * FP32 * biggest
+    bf16 = dry_run(DryRunOptions(**{**base.__dict__, "moments": "bf16"}))["per_rank_memory_bytes"]
+    assert bf16["optimizer"] < m["optimizer"] and bf16["optimizer_workspace"] == 2 * m["optimizer_workspace"]
+    assert in_flight(0, 4, 8, 1, "gpipe") == 8 and in_flight(0, 4, 8, 1) == 4
