@@ -63,21 +63,19 @@ PAPER_RUN = ("--topology", "pp=1,replicate=128,shard=8", "--gpu", "v100-16gb", "
 
 
 def test_cli_dry_run_of_a_run_config_plans_what_the_trainer_builds():
-    """``--config`` resolves the YAML as the launcher does; with the settings of ``--prior 12B``'s defaults on top,
-    every per-rank figure is the same."""
-    # configs/prior/dalle_12b.yaml: flavor 12B, data.batch_size 1, precision and comm at the config defaults (fp32,
-    # no activation checkpointing, plain all-reduce). The dry run's defaults are the paper's run.
-    same = ("--global-batch", "1024", "--precision", "fp16", "--precision.activation_checkpointing", "true")
-    by_config = run_cli("plan", "--config", "configs/prior/dalle_12b.yaml", *PAPER_RUN, *same)
-    by_flavor = run_cli("plan", "--prior", "12B", *PAPER_RUN)
+    """``--config`` resolves the YAML as the launcher does: configs/prior/dalle_12b.yaml is the paper's run (12B,
+    global batch 1024, fp16, activation checkpointing, PowerSGD rank 896 on pp=1,replicate=128,shard=8), so every
+    per-rank figure equals ``--prior 12B --powersgd-rank 896`` with the dry run's paper defaults."""
+    by_config = run_cli("plan", "--config", "configs/prior/dalle_12b.yaml", "--gpu", "v100-16gb", "--dry-run", "--json")
+    by_flavor = run_cli("plan", "--prior", "12B", *PAPER_RUN, "--powersgd-rank", "896")
     assert by_config.returncode == 0 and by_flavor.returncode == 0, by_config.stderr + by_flavor.stderr
     a, b = json.loads(by_config.stdout), json.loads(by_flavor.stdout)
     assert a["run_config"]["train"]["out_dir"] == "runs/prior_12b"  # the YAML was read
-    for key in ("flavor", "topology", "batch", "settings", "per_rank_memory_bytes", "bytes_per_step", "ranks"):
+    for key in ("flavor", "topology", "batch", "per_rank_memory_bytes", "bytes_per_step", "ranks"):
         assert a[key] == b[key], key
     assert a["params_total"] == b["params_total"] == 12_292_840_960
-    # The YAML as it is: the trainer refuses a global batch of 1 on 1024 data-parallel ranks, and so does the plan.
-    refused = run_cli("plan", "--config", "configs/prior/dalle_12b.yaml", *PAPER_RUN)
+    # A run the trainer would refuse is refused by the plan, with the trainer's message.
+    refused = run_cli("plan", "--config", "configs/prior/dalle_12b.yaml", *PAPER_RUN, "--data.batch_size", "1")
     assert refused.returncode == 2 and refused.stdout == ""
     assert (
         "data.batch_size=1 is the global batch and must divide evenly over replicate × shard = 1024 data-parallel "
