@@ -161,6 +161,63 @@ def _notes(topo: Topology, opts: DryRunOptions) -> list[str]:
     return notes
 
 
+def _rank_reports(run_cfg: PriorRunConfig, topo: Topology, opts: DryRunOptions, batch: BatchPlan) -> list[dict]:
+    """Memory and replica traffic of every pp rank: stage 0 has the embeddings, the last the head."""
+    ranks = []
+    for pp_rank in range(topo.pp):
+        stages = shard_stages(run_cfg, topo, pp_rank, opts)
+        report = rank_memory(run_cfg, topo, opts, batch, pp_rank, stages)
+        report.update(replica_traffic(stages, topo.shard, run_cfg.comm, run_cfg.model.d_model))
+        ranks.append(report)
+    return ranks
+
+
+def _gpu_entry(opts: DryRunOptions, usable: int) -> dict[str, Any]:
+    """The output's ``gpu``: the card, its nominal and usable bytes, and the reserve between them."""
+    return {
+        "name": opts.gpu,
+        "nominal_bytes": int(GPUS[opts.gpu] * GIB),
+        "usable_bytes": usable,
+        "reserve": f"{RESERVE_FIXED_BYTES // GIB} GiB + {RESERVE_FRACTION:.0%}",
+    }
+
+
+def _batch_entry(batch: BatchPlan, topo: Topology) -> dict[str, Any]:
+    """The output's ``batch``: global, per-rank and microbatch sizes, and the schedule (``none`` at pp = 1)."""
+    return {
+        "global": batch.global_batch,
+        "per_rank": batch.per_rank,
+        "microbatches": batch.microbatches,
+        "micro_batch": batch.micro_batch,
+        "schedule": batch.schedule if topo.pp > 1 else "none",
+        "virtual_stages": batch.virtual_stages,
+    }
+
+
+def _settings_entry(opts: DryRunOptions) -> dict[str, Any]:
+    """The output's ``settings``: the resolved options the arithmetic read."""
+    return {
+        "precision": opts.precision,
+        "storage": opts.storage,
+        "master_weights": opts.master_weights,
+        "moments": opts.moments,
+        "optimizer": optimizer_kind(opts),
+        "activation_checkpointing": opts.activation_checkpointing,
+        "attention": opts.attention,
+        "ema_on_device": opts.ema_on_device,
+        "pp_reshard_per_microbatch": opts.pp_reshard_per_microbatch,
+        "fc2_shard_dim": opts.fc2_shard_dim,
+        "powersgd_rank": opts.powersgd_rank,
+        "modelled": modelled(opts),
+    }
+
+
+def _params_total(run_cfg: PriorRunConfig) -> int:
+    """The prior's parameter count, built on the meta device (the global RNG left as it was)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return sum(p.numel() for p in DallePrior(run_cfg.model).parameters())
+
+
 def dry_run(opts: DryRunOptions, run_cfg: PriorRunConfig | None = None) -> dict[str, Any]:
     """Simulate one training step of ``run_cfg`` (default: the run ``opts`` describes); one JSON-ready dict.
 
@@ -174,49 +231,18 @@ def dry_run(opts: DryRunOptions, run_cfg: PriorRunConfig | None = None) -> dict[
     topo = check_prior_config(run_cfg, world)  # the trainer's checks, with its messages
     opts = resolved_options(opts, run_cfg)
     batch = plan_batches(run_cfg, topo)
-    ranks = []
-    for pp_rank in range(topo.pp):  # every pp rank: stage 0 has the embeddings, the last the head
-        stages = shard_stages(run_cfg, topo, pp_rank, opts)
-        report = rank_memory(run_cfg, topo, opts, batch, pp_rank, stages)
-        report.update(replica_traffic(stages, topo.shard, run_cfg.comm, run_cfg.model.d_model))
-        ranks.append(report)
+    ranks = _rank_reports(run_cfg, topo, opts, batch)
     worst = max(ranks, key=lambda r: r["memory"]["total"])
     busiest = max(ranks, key=lambda r: r["bytes_per_step"]["uncompressed"])
     usable = usable_bytes(opts.gpu)
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        params_total = sum(p.numel() for p in DallePrior(run_cfg.model).parameters())
+    params_total = _params_total(run_cfg)
     paper_worst = max(ranks, key=lambda r: r["paper_formats"]["total"])["paper_formats"]
     return {
         "flavor": opts.flavor,
         "topology": {"pp": topo.pp, "replicate": topo.replicate, "shard": topo.shard, "world_size": topo.world_size},
-        "gpu": {
-            "name": opts.gpu,
-            "nominal_bytes": int(GPUS[opts.gpu] * GIB),
-            "usable_bytes": usable,
-            "reserve": f"{RESERVE_FIXED_BYTES // GIB} GiB + {RESERVE_FRACTION:.0%}",
-        },
-        "batch": {
-            "global": batch.global_batch,
-            "per_rank": batch.per_rank,
-            "microbatches": batch.microbatches,
-            "micro_batch": batch.micro_batch,
-            "schedule": batch.schedule if topo.pp > 1 else "none",
-            "virtual_stages": batch.virtual_stages,
-        },
-        "settings": {
-            "precision": opts.precision,
-            "storage": opts.storage,
-            "master_weights": opts.master_weights,
-            "moments": opts.moments,
-            "optimizer": optimizer_kind(opts),
-            "activation_checkpointing": opts.activation_checkpointing,
-            "attention": opts.attention,
-            "ema_on_device": opts.ema_on_device,
-            "pp_reshard_per_microbatch": opts.pp_reshard_per_microbatch,
-            "fc2_shard_dim": opts.fc2_shard_dim,
-            "powersgd_rank": opts.powersgd_rank,
-            "modelled": modelled(opts),
-        },
+        "gpu": _gpu_entry(opts, usable),
+        "batch": _batch_entry(batch, topo),
+        "settings": _settings_entry(opts),
         "per_rank_memory_bytes": dict(worst["memory"], pp_rank=worst["pp_rank"]),
         "fits": worst["memory"]["total"] <= usable,
         "headroom_bytes": usable - worst["memory"]["total"],

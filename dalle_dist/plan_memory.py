@@ -305,6 +305,57 @@ def _paper_layout_rate(params: list[ParamShard], total_rank: int, shards: int) -
         return None
 
 
+def _powersgd_error(
+    params: list[ParamShard], topo: Topology, comm: CommConfig, d_model: int
+) -> tuple[int, int, set[str]]:
+    """PowerSGD's per-shard rank, error-buffer bytes and compressed parameter names (0, 0, {} without it)."""
+    if topo.replicate <= 1 or comm.replica_reduce != "powersgd":
+        return 0, 0, set()
+    pq_rank = powersgd_rank(comm, d_model, topo.shard)
+    plans, _ = _powersgd_plan(params, pq_rank, comm)
+    error = FP32 * sum(pl.m * pl.n + pl.n * pl.rank for pl in plans.values())  # fp32 E and the fixed Q
+    return pq_rank, error, set(plans)
+
+
+def _phases(acts: dict[str, Any], comm_buf: dict[str, Any], grad_bytes: int, workspace: int, opt_work: int) -> dict:
+    """The transient bytes of each of the step's three peaks, on top of the persistent ones."""
+    # Three peaks. Backward: activations and FSDP buffers; the sharded gradients exist from the first reduce-scatter
+    # on, except under "stage_unsharded" (reduce-scattered after the last microbatch; a step starts with grads None).
+    # Replica reduction and optimizer step: gradients plus their workspaces.
+    return {
+        "backward": acts["total"] + comm_buf["total"] + (0 if comm_buf["mode"] == "stage_unsharded" else grad_bytes),
+        "replica_reduce": grad_bytes + workspace,
+        "optimizer_step": grad_bytes + opt_work,
+    }
+
+
+def _paper_formats(
+    params: list[ParamShard],
+    stages: list[StageShards],
+    shards: int,
+    compressed: set[str],
+    optimizer_paper: int,
+    activations: int,
+) -> dict[str, int]:
+    """The rank's memory in the paper's formats, term by term and in total."""
+    # The paper's formats [P B.2, D.2, E.2(2)]: 16-bit matrices, no gradient buffer for the compressed ones (the
+    # reduce-scatter result goes into the 1-6-9 error buffer), 16-bit moments and error buffers, EMA on the CPU.
+    paper_params = sum(p.padded_numel * p.wire_itemsize for p in params)
+    paper_grads = sum(p.padded_numel * p.wire_itemsize for p in params if p.name not in compressed)
+    paper_error = 2 * sum(p.local_numel for p in params if p.name in compressed)
+    paper_comm = paper_comm_bytes(stages, shards)
+    paper = paper_params + paper_grads + optimizer_paper + paper_error + activations + paper_comm
+    return {
+        "params": paper_params,
+        "grads": paper_grads,
+        "optimizer": optimizer_paper,
+        "error_buffers": paper_error,
+        "activations": activations,
+        "comm_buffers": paper_comm,
+        "total": paper,
+    }
+
+
 def rank_memory(
     run_cfg: PriorRunConfig,
     topo: Topology,
@@ -325,26 +376,14 @@ def rank_memory(
     optimizer = optimizer_bytes(params, opts)
     optimizer_paper = sum(p.local_numel * (4 if p.low else 8) for p in params)  # 1-6-9 + 0-6-10 [P B.2]
     ema = FP32 * local if opts.ema_on_device else 0
-    pq_rank, error, compressed = 0, 0, set()
-    if topo.replicate > 1 and comm.replica_reduce == "powersgd":
-        pq_rank = powersgd_rank(comm, cfg.d_model, topo.shard)
-        plans, _ = _powersgd_plan(params, pq_rank, comm)
-        compressed = set(plans)
-        error = FP32 * sum(pl.m * pl.n + pl.n * pl.rank for pl in plans.values())  # fp32 E and the fixed Q
+    pq_rank, error, compressed = _powersgd_error(params, topo, comm, cfg.d_model)
     pairs = in_flight_per_stage(pp_rank, topo.pp, batch.microbatches, batch.virtual_stages, batch.schedule)
     acts = activation_bytes(cfg, stages, pairs, batch, opts, topo.pp)
     comm_buf = comm_buffer_bytes(stages, topo.shard, topo.pp, opts.pp_reshard_per_microbatch)
     workspace = reduce_workspace_bytes(params, topo.replicate, pq_rank, comm)
     opt_work = optimizer_workspace_bytes(params, opts, topo.shard > 1)
-    # Three peaks. Backward: activations and FSDP buffers; the sharded gradients exist from the first reduce-scatter
-    # on, except under "stage_unsharded" (reduce-scattered after the last microbatch; a step starts with grads None).
-    # Replica reduction and optimizer step: gradients plus their workspaces.
     persistent = param_bytes + optimizer + ema + error
-    phases = {
-        "backward": acts["total"] + comm_buf["total"] + (0 if comm_buf["mode"] == "stage_unsharded" else grad_bytes),
-        "replica_reduce": grad_bytes + workspace["total"],
-        "optimizer_step": grad_bytes + opt_work,
-    }
+    phases = _phases(acts, comm_buf, grad_bytes, workspace["total"], opt_work)
     peak = max(phases, key=phases.__getitem__)
     memory = {
         "params": param_bytes,
@@ -360,13 +399,6 @@ def rank_memory(
         "peak_phase": peak,
         "optimizer_paper_formats": optimizer_paper,
     }
-    # The paper's formats [P B.2, D.2, E.2(2)]: 16-bit matrices, no gradient buffer for the compressed ones (the
-    # reduce-scatter result goes into the 1-6-9 error buffer), 16-bit moments and error buffers, EMA on the CPU.
-    paper_params = sum(p.padded_numel * p.wire_itemsize for p in params)
-    paper_grads = sum(p.padded_numel * p.wire_itemsize for p in params if p.name not in compressed)
-    paper_error = 2 * sum(p.local_numel for p in params if p.name in compressed)
-    paper_comm = paper_comm_bytes(stages, topo.shard)
-    paper = paper_params + paper_grads + optimizer_paper + paper_error + acts["total"] + paper_comm
     return {
         "pp_rank": pp_rank,
         "stages": [s.index for s in stages],
@@ -381,13 +413,5 @@ def rank_memory(
         "activations_detail": acts,
         "comm_buffers_detail": comm_buf,
         "reduce_workspace_mode": workspace["mode"],
-        "paper_formats": {
-            "params": paper_params,
-            "grads": paper_grads,
-            "optimizer": optimizer_paper,
-            "error_buffers": paper_error,
-            "activations": acts["total"],
-            "comm_buffers": paper_comm,
-            "total": paper,
-        },
+        "paper_formats": _paper_formats(params, stages, topo.shard, compressed, optimizer_paper, acts["total"]),
     }

@@ -154,6 +154,49 @@ def _device_for(name: str, proc: int) -> str:
     return str(device)
 
 
+def _check_output(dvae: str, out: str) -> Any:
+    """The dVAE's model config, once its vocab fits uint16 and ``out`` (created) holds no ``.tar`` yet."""
+    model_cfg, _ = dvae_data_config(dvae)
+    if model_cfg.vocab_size > 2**16:
+        raise ValueError(f"dVAE vocab {model_cfg.vocab_size} does not fit the uint16 token shards")
+    os.makedirs(out, exist_ok=True)
+    if any(f.endswith(".tar") for f in os.listdir(out)):
+        raise ValueError(f"output directory {out!r} already holds .tar files; give an empty or new --out")
+    return model_cfg
+
+
+def _run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
+    """Each job's counts: in this process for a single job, else in a pool of spawned processes."""
+    if len(jobs) == 1:
+        return [run_job(jobs[0])]
+    with mp.get_context("spawn").Pool(len(jobs)) as pool:  # spawn: safe with CUDA and with torch threads
+        return pool.map(run_job, jobs)
+
+
+def _manifest(results: list[dict[str, Any]], shards: list[str], dvae: str, model_cfg: Any, procs: int) -> dict:
+    """``manifest.json``'s content (without ``seconds``) from the jobs' results."""
+    skipped: Counter = Counter()
+    counted: Counter = Counter()
+    for r in results:
+        skipped.update(r["skipped"])
+        counted.update(r["counted"])
+    return {
+        "format": FORMAT,
+        "samples": sum(r["written"] for r in results),
+        "shards": sorted(name for r in results for name in r["shards"]),
+        "skipped": dict(sorted(skipped.items())),
+        "counted": dict(sorted(counted.items())),
+        "source_shards": len(shards),
+        "dvae": os.path.abspath(dvae),
+        "image_size": model_cfg.image_size,
+        "grid": model_cfg.grid,
+        "vocab_size": model_cfg.vocab_size,
+        "dtype": "uint16",
+        "preprocess": "centre square crop; area resize to image_size (bicubic when growing); rint, clip",
+        "procs": procs,
+    }
+
+
 def pretokenize(
     shards: list[str],
     dvae: str,
@@ -165,12 +208,7 @@ def pretokenize(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the jobs (in spawned processes when ``procs`` > 1) and write ``manifest.json``; returns it."""
-    model_cfg, _ = dvae_data_config(dvae)
-    if model_cfg.vocab_size > 2**16:
-        raise ValueError(f"dVAE vocab {model_cfg.vocab_size} does not fit the uint16 token shards")
-    os.makedirs(out, exist_ok=True)
-    if any(f.endswith(".tar") for f in os.listdir(out)):
-        raise ValueError(f"output directory {out!r} already holds .tar files; give an empty or new --out")
+    model_cfg = _check_output(dvae, out)
     procs = max(1, min(procs, len(shards)))
     threads = max(1, (os.cpu_count() or 1) // procs)
     jobs = [
@@ -188,32 +226,9 @@ def pretokenize(
         for p in range(procs)
     ]
     t0 = time.perf_counter()
-    if procs == 1:
-        results = [run_job(jobs[0])]
-    else:
-        with mp.get_context("spawn").Pool(procs) as pool:  # spawn: safe with CUDA and with torch threads
-            results = pool.map(run_job, jobs)
-    skipped: Counter = Counter()
-    counted: Counter = Counter()
-    for r in results:
-        skipped.update(r["skipped"])
-        counted.update(r["counted"])
-    manifest = {
-        "format": FORMAT,
-        "samples": sum(r["written"] for r in results),
-        "shards": sorted(name for r in results for name in r["shards"]),
-        "skipped": dict(sorted(skipped.items())),
-        "counted": dict(sorted(counted.items())),
-        "source_shards": len(shards),
-        "dvae": os.path.abspath(dvae),
-        "image_size": model_cfg.image_size,
-        "grid": model_cfg.grid,
-        "vocab_size": model_cfg.vocab_size,
-        "dtype": "uint16",
-        "preprocess": "centre square crop; area resize to image_size (bicubic when growing); rint, clip",
-        "procs": procs,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    results = _run_jobs(jobs)
+    manifest = _manifest(results, shards, dvae, model_cfg, procs)
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
     Path(out, "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -264,12 +264,8 @@ def _stack(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
     return np.stack([fit_to(im, height, width) for im in images])
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole evaluation as one JSON-ready dict (raises :class:`EvalError` on bad inputs)."""
-    t_start = time.monotonic()
-    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1) or args.is_splits < 1:
-        raise EvalError("--batch-size, --max-images and --is-splits must be >= 1")
-    radii = _parse_blur(args.blur)
+def _load_model(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The Inception model and its device when FID / IS are asked for (``(None, None)`` for ``--judge`` alone)."""
     want_inception = args.inception is not None or args.blur is not None or not args.judge
     if want_inception and args.inception is None:
         raise EvalError(
@@ -277,15 +273,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release file; nothing is downloaded). "
             "--judge alone (without --blur) scores the synthetic caption match and needs no weights."
         )
-    model = device = None
-    if want_inception:
-        from .inception import load_inception
+    if not want_inception:
+        return None, None
+    from .inception import load_inception
 
-        device = _device(args.device)
-        model = load_inception(args.inception, device=device)  # first: a missing file fails before any work
-        if args.reference is None:
-            _log("no --reference: FID is skipped, IS of the generated images only")
+    device = _device(args.device)
+    model = load_inception(args.inception, device=device)  # first: a missing file fails before any work
+    if args.reference is None:
+        _log("no --reference: FID is skipped, IS of the generated images only")
+    return model, device
 
+
+def _read_generated(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str | None], int, int]:
+    """The generated images, their captions, and the most common (height, width) they are all scored at."""
     _log(f"reading generated images from {args.generated}")
     gen_list, captions = read_image_dir(args.generated, args.max_images, args.selected_only)
     if not gen_list:
@@ -294,6 +294,48 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     (height, width), _ = shapes.most_common(1)[0]
     if len(shapes) > 1:
         _log(f"generated images differ in size {sorted(shapes)}: all are resized to {height}x{width}")
+    return gen_list, captions, height, width
+
+
+def _read_reference_stack(args: argparse.Namespace, height: int, width: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The reference images fitted to (height, width), and their entry of the result."""
+    _log(f"reading reference images from {args.reference}")
+    ref_list, skipped = read_reference(args.reference, args.max_images)
+    if len(ref_list) < 2:
+        raise EvalError(f"FID needs at least 2 reference images; {args.reference} gave {len(ref_list)}")
+    reference = _stack(ref_list, height, width)
+    return reference, {"path": args.reference, "n": len(reference), "skipped": skipped}
+
+
+def _add_inception(
+    result: dict[str, Any],
+    args: argparse.Namespace,
+    generated: np.ndarray,
+    radii: list[float],
+    model: Any,
+    device: str | None,
+) -> None:
+    """FID (with ``--reference``) and IS of ``generated`` (N, H, W, 3) per blur radius, into ``result``."""
+    if len(generated) < 2:
+        raise EvalError("FID and IS need at least 2 generated images")
+    height, width = generated.shape[1:3]
+    reference = None
+    if args.reference is not None:
+        reference, result["reference"] = _read_reference_stack(args, height, width)
+    splits = _is_splits(args.is_splits, len(generated))
+    result["inception"] = {"weights": str(args.inception), "device": device, "is_splits": splits}
+    result["by_blur"] = inception_metrics(generated, reference, model, radii, args.batch_size, device, args.is_splits)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole evaluation as one JSON-ready dict (raises :class:`EvalError` on bad inputs)."""
+    t_start = time.monotonic()
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1) or args.is_splits < 1:
+        raise EvalError("--batch-size, --max-images and --is-splits must be >= 1")
+    radii = _parse_blur(args.blur)
+    model, device = _load_model(args)
+
+    gen_list, captions, height, width = _read_generated(args)
     result: dict[str, Any] = {
         "generated": {"path": args.generated, "n": len(gen_list), "size": [height, width]},
     }
@@ -307,22 +349,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if model is not None:
         generated = _stack(gen_list, height, width)
         del gen_list
-        if len(generated) < 2:
-            raise EvalError("FID and IS need at least 2 generated images")
-        reference = None
-        if args.reference is not None:
-            _log(f"reading reference images from {args.reference}")
-            ref_list, skipped = read_reference(args.reference, args.max_images)
-            if len(ref_list) < 2:
-                raise EvalError(f"FID needs at least 2 reference images; {args.reference} gave {len(ref_list)}")
-            reference = _stack(ref_list, height, width)
-            del ref_list
-            result["reference"] = {"path": args.reference, "n": len(reference), "skipped": skipped}
-        splits = _is_splits(args.is_splits, len(generated))
-        result["inception"] = {"weights": str(args.inception), "device": device, "is_splits": splits}
-        result["by_blur"] = inception_metrics(
-            generated, reference, model, radii, args.batch_size, device, args.is_splits
-        )
+        _add_inception(result, args, generated, radii, model, device)
     result["seconds"] = round(time.monotonic() - t_start, 3)
     return result
 

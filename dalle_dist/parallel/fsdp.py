@@ -3,7 +3,8 @@
 Per resblock, then per stage: while one resblock computes, FSDP all-gathers the next one's shards and frees them
 after use; gradients are reduce-scattered so each rank keeps its shard's gradient, averaged over the shard group.
 With 16-bit numerics each Linear that holds a 16-bit weight is its own unit with a 16-bit all-gather (FSDP2 wants
-one dtype per unit; see ``precision/policy.py:apply_stage_precision``), while LayerNorms, embeddings and the head stay fp32.
+one dtype per unit; see ``precision/policy.py:apply_stage_precision``), while LayerNorms, embeddings and the head
+stay fp32.
 """
 
 from __future__ import annotations

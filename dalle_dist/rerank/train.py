@@ -162,6 +162,74 @@ def _optimizer(model: ContrastiveReranker, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def _train_step(
+    model: ContrastiveReranker, opt: torch.optim.Optimizer, batch: dict[str, Any], mirror: bool, swap_negatives: bool
+) -> float:
+    """One contrastive step on ``batch`` (mirrored pairs and swapped-caption negatives as asked); its loss."""
+    images, captions = batch["images"], batch["captions"]  # (B, 3, S, S) uint8, B captions
+    if mirror:
+        images, captions = add_mirrored(images, captions)  # (B', 3, S, S): mirrored pairs appended
+    model.train()
+    img = model.encode_images(model.prepare_images(images))  # (B', D)
+    txt = model.encode_texts(model.tokenize(captions))  # (B', D)
+    # The mirrored pairs already contrast left with right; text negatives are then only needed vertically.
+    negs = swapped_captions(captions, ("v",) if mirror else ("h", "v")) if swap_negatives else []
+    neg = model.encode_texts(model.tokenize(negs)) if negs else None  # (E, D): text-only hard negatives
+    loss = clip_loss(img, txt, model.scale(), captions, neg, negs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _train_loop(
+    model: ContrastiveReranker,
+    opt: torch.optim.Optimizer,
+    loader: ShardLoader,
+    steps: int,
+    lr: float,
+    warmup: int,
+    *,
+    mirror: bool,
+    swap_negatives: bool,
+    progress: bool,
+) -> list[float]:
+    """``steps`` steps on the loader's batches under the warm-up + cosine schedule; the loss of each."""
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc="train reranker", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        losses.append(_train_step(model, opt, loader.next_batch(), mirror, swap_negatives))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.scale().item():.1f}")
+    bar.close()
+    return losses
+
+
+def _summary(
+    model: ContrastiveReranker,
+    losses: list[float],
+    loader: ShardLoader,
+    batch_size: int,
+    held: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The run's losses, logit scale, skip counts and (with a held-out batch) retrieval metrics."""
+    tail = losses[-min(20, len(losses)) :]
+    summary: dict[str, Any] = {
+        "steps": len(losses),
+        "batch_size": batch_size,
+        "first_loss": round(losses[0], 4),
+        "loss": round(sum(tail) / len(tail), 4),  # mean of the last (up to) 20 steps: one batch is noisy
+        "logit_scale": round(model.scale().item(), 3),
+        "skipped": {k: v for k, v in loader.skipped.items() if k != "other_split"},  # held-out keys aren't bad data
+    }
+    if held is not None:
+        metrics = retrieval_metrics(model, held["images"], held["captions"])
+        summary["heldout"] = {k: round(v, 4) for k, v in metrics.items()}
+    return summary
+
+
 def train_reranker(
     shards: str,
     tokenizer_path: str | Path | None,
@@ -198,41 +266,10 @@ def train_reranker(
     loader = ShardLoader(urls, train_proc, collate_images, batch_size, seed=seed, shuffle=shuffle_buffer)
     held = heldout_batch(urls, data, cfg.image_size, holdout_every, eval_size) if holdout_every > 0 else None
     opt = _optimizer(model, lr, weight_decay)
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="train reranker", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        batch = loader.next_batch()
-        images, captions = batch["images"], batch["captions"]  # (B, 3, S, S) uint8, B captions
-        if mirror:
-            images, captions = add_mirrored(images, captions)  # (B', 3, S, S): mirrored pairs appended
-        model.train()
-        img = model.encode_images(model.prepare_images(images))  # (B', D)
-        txt = model.encode_texts(model.tokenize(captions))  # (B', D)
-        # The mirrored pairs already contrast left with right; text negatives are then only needed vertically.
-        negs = swapped_captions(captions, ("v",) if mirror else ("h", "v")) if swap_negatives else []
-        neg = model.encode_texts(model.tokenize(negs)) if negs else None  # (E, D): text-only hard negatives
-        loss = clip_loss(img, txt, model.scale(), captions, neg, negs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.scale().item():.1f}")
-    bar.close()
-    tail = losses[-min(20, len(losses)) :]
-    summary: dict[str, Any] = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "first_loss": round(losses[0], 4),
-        "loss": round(sum(tail) / len(tail), 4),  # mean of the last (up to) 20 steps: one batch is noisy
-        "logit_scale": round(model.scale().item(), 3),
-        "skipped": {k: v for k, v in loader.skipped.items() if k != "other_split"},  # held-out keys aren't bad data
-    }
-    if held is not None:
-        metrics = retrieval_metrics(model, held["images"], held["captions"])
-        summary["heldout"] = {k: round(v, 4) for k, v in metrics.items()}
+    losses = _train_loop(
+        model, opt, loader, steps, lr, warmup, mirror=mirror, swap_negatives=swap_negatives, progress=progress
+    )
+    summary = _summary(model, losses, loader, batch_size, held)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["tokenizer"] = kind
     source = {"shards": shards, "tokenizer": str(tokenizer_path) if tokenizer_path else None, "seed": seed}

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from PIL import Image
 
 from ..data.text import ByteTokenizer, pad_batch
 from ..devices import resolve_device
+from ..models.dvae import DiscreteVAE
+from ..models.prior import DallePrior
 from ..rerank.clip import DEFAULT_ARCH
 from ..rerank.scorer import Scorer, rank
 from ..train.export import RERANKER, TOKENIZER, load_export
@@ -91,6 +94,60 @@ def _scorer(args: argparse.Namespace, device: torch.device) -> Scorer | None:
     return scorer
 
 
+def _tokenizer(checkpoint: str) -> Any:
+    """The export's BPE tokenizer when it has one, else the byte tokenizer (either has ``encode(text, len)``)."""
+    tok_path = Path(checkpoint) / TOKENIZER
+    if tok_path.is_file():
+        from ..data.tokenizer import load_tokenizer
+
+        return load_tokenizer(str(tok_path))
+    return ByteTokenizer()
+
+
+def _prime_codes(args: argparse.Namespace, dvae: DiscreteVAE, grid: int, device: torch.device) -> torch.Tensor | None:
+    """The top ``--prime-rows`` rows of the ``--prime`` image's dVAE codes, (1, rows·grid); None without --prime."""
+    if not args.prime:
+        return None
+    if not 0 < args.prime_rows <= grid:
+        raise SystemExit(f"--prime needs 1 <= --prime-rows <= {grid}")
+    from ..data.folder import load_image
+
+    img = load_image(Path(args.prime), dvae.cfg.image_size).float().div(255).unsqueeze(0).to(device)
+    return dvae.encode_codes(img).flatten(1)[:, : args.prime_rows * grid]  # (1, rows·grid)
+
+
+def _sample_caption(
+    prior: DallePrior,
+    dvae: DiscreteVAE,
+    ids: torch.Tensor,
+    args: argparse.Namespace,
+    prime: torch.Tensor | None,
+    gen: torch.Generator,
+) -> np.ndarray:
+    """``--n`` samples of one caption's ids (1, Lc), in batches of ``--batch-size``: (N, H, W, 3) uint8."""
+    cfg = prior.cfg
+    images = []
+    for start in range(0, args.n, args.batch_size):
+        b = min(args.batch_size, args.n - start)
+        p = None if prime is None else prime.expand(b, -1)
+        codes = generate_images(prior, ids.expand(b, -1), temperature=args.temperature, top_k=args.top_k,
+                                prime=p, generator=gen)  # fmt: skip
+        with torch.no_grad():
+            pix = dvae.decode_codes(codes.view(b, cfg.grid, cfg.grid))  # (b, 3, H, W) in [0, 1]
+        images.append((pix.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(images)  # (N, H, W, 3) uint8
+
+
+def _rerank(batch: np.ndarray, caption: str, entries: list[dict], scorer: Scorer, k: int) -> tuple[np.ndarray, ...]:
+    """Score and rank one caption's samples (``entries`` gain score, rank, selected): (best K, all N, best first)."""
+    scores = scorer.score(batch, [caption])  # (N,) cosine similarity with the caption
+    ranks = rank(scores)  # (N,): 0 = best
+    for e, s, r in zip(entries, scores.tolist(), ranks.tolist()):
+        e.update(score=round(s, 6), rank=r, selected=r < k)
+    order = torch.argsort(ranks).numpy()  # (N,): sample indices, best first
+    return batch[order[:k]], batch[order]  # (K, H, W, 3), (N, H, W, 3)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or args.prime_rows < 0:
         raise SystemExit("dalle-dist generate: --n and --batch-size must be >= 1, --prime-rows >= 0")
@@ -100,37 +157,15 @@ def run(args: argparse.Namespace) -> int:
     if dvae is None:
         raise SystemExit(f"{args.checkpoint} has no dVAE: export with --dvae to decode images")
     cfg = prior.cfg
-    tok_path = Path(args.checkpoint) / TOKENIZER
-    if tok_path.is_file():
-        from ..data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(str(tok_path))
-    else:
-        tokenizer = ByteTokenizer()
-    prime = None
-    if args.prime:
-        if not 0 < args.prime_rows <= cfg.grid:
-            raise SystemExit(f"--prime needs 1 <= --prime-rows <= {cfg.grid}")
-        from ..data.folder import load_image
-
-        img = load_image(Path(args.prime), dvae.cfg.image_size).float().div(255).unsqueeze(0).to(device)
-        prime = dvae.encode_codes(img).flatten(1)[:, : args.prime_rows * cfg.grid]  # (1, rows·grid)
+    tokenizer = _tokenizer(args.checkpoint)
+    prime = _prime_codes(args, dvae, cfg.grid, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows, rows_all, index = [], [], []
     for ci, caption in enumerate(args.text):
         ids = pad_batch([tokenizer.encode(caption, cfg.caption_len)], cfg.caption_len).to(device)  # (1, Lc)
-        images = []
-        for start in range(0, args.n, args.batch_size):
-            b = min(args.batch_size, args.n - start)
-            p = None if prime is None else prime.expand(b, -1)
-            codes = generate_images(prior, ids.expand(b, -1), temperature=args.temperature, top_k=args.top_k,
-                                    prime=p, generator=gen)  # fmt: skip
-            with torch.no_grad():
-                pix = dvae.decode_codes(codes.view(b, cfg.grid, cfg.grid))  # (b, 3, H, W) in [0, 1]
-            images.append((pix.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-        batch = np.concatenate(images)  # (N, H, W, 3) uint8
+        batch = _sample_caption(prior, dvae, ids, args, prime, gen)  # (N, H, W, 3) uint8
         entries = []
         for i, im in enumerate(batch):
             path = out / f"caption{ci:02d}_{i:03d}.png"
@@ -139,13 +174,9 @@ def run(args: argparse.Namespace) -> int:
         if scorer is None:
             rows.append(batch)
         else:
-            scores = scorer.score(batch, [caption])  # (N,) cosine similarity with the caption
-            ranks = rank(scores)  # (N,): 0 = best
-            for e, s, r in zip(entries, scores.tolist(), ranks.tolist()):
-                e.update(score=round(s, 6), rank=r, selected=r < args.rerank)
-            order = torch.argsort(ranks).numpy()  # (N,): sample indices, best first
-            rows.append(batch[order[: args.rerank]])  # (K, H, W, 3)
-            rows_all.append(batch[order])  # (N, H, W, 3)
+            best, ordered = _rerank(batch, caption, entries, scorer, args.rerank)
+            rows.append(best)
+            rows_all.append(ordered)
         index.extend(entries)
     grid_image(np.concatenate(rows), rows=len(args.text)).save(out / "grid.png")
     summary = {"out": str(out), "images": len(index), "grid": "grid.png", "captions": len(args.text)}
