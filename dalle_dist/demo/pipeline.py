@@ -92,225 +92,137 @@ def _exists(path: Path) -> Callable[[], bool]:
     return lambda: path.exists()
 
 
-def build_steps(s: DemoSettings) -> list[Step]:
-    out = Path(s.out)
-    data, held = out / "data", out / "data" / "heldout"
-    n_shards = (s.n_train + s.shard_size - 1) // s.shard_size
-    train_shards = str(data / f"train-{{000000..{n_shards - 1:06d}}}.tar")
-    tok, dvae, tokens = out / "tokenizer.json", out / "dvae", out / "tokens"
-    prior, rerank, export = out / "prior", out / "reranker", out / "export"
-    wandb = ["--train.wandb", "disabled"]
+@dataclass(frozen=True)
+class _Paths:
+    """Where the steps write, under ``DemoSettings.out``."""
+
+    out: Path
+    data: Path  # the shapes set's training shards and manifest
+    held: Path  # its held-out images (FID's reference)
+    train_shards: str  # brace pattern of the training shards
+    tok: Path
+    dvae: Path
+    tokens: Path
+    prior: Path
+    rerank: Path
+    export: Path
+
+    @classmethod
+    def of(cls, s: DemoSettings) -> _Paths:
+        """The paths of the run ``s`` describes."""
+        out = Path(s.out)
+        data = out / "data"
+        n_shards = (s.n_train + s.shard_size - 1) // s.shard_size
+        train_shards = str(data / f"train-{{000000..{n_shards - 1:06d}}}.tar")
+        return cls(out, data, data / "heldout", train_shards, out / "tokenizer.json", out / "dvae", out / "tokens",
+                   out / "prior", out / "reranker", out / "export")  # fmt: skip
+
+
+_NO_WANDB = ("--train.wandb", "disabled")
+
+
+def _data_cmd(s: DemoSettings, p: _Paths, image_size: int) -> list[str]:
+    """Step 1: training shards + shards of held-out (colour, shape) pairs [P §3 zero-shot]."""
+    return _dalle("data", "shapes", "--out", str(p.data), "--n", str(s.n_train), "--n-heldout", str(s.n_heldout),
+                  "--shard-size", str(s.shard_size), "--size", str(image_size), "--seed", str(s.seed))  # fmt: skip
+
+
+def _dvae_cmd(s: DemoSettings, p: _Paths, precision: list[str]) -> list[str]:
+    """Step 3: the dVAE [P §2.1]."""
+    return _dalle("train-dvae", "--config", str(CONFIGS / "dvae.yaml"), "--data.shards", p.train_shards,
+                  "--train.steps", str(s.dvae_steps),
+                  # τ and lr follow the run's length, so --dvae-steps N still ends at τ = 1/16 [P A.2]
+                  "--optim.temp_steps", str(s.dvae_steps), "--optim.lr_steps", str(s.dvae_steps),
+                  "--train.out_dir", str(p.dvae), "--train.device", s.device, "--train.seed", str(s.seed),
+                  *precision, *_NO_WANDB)  # fmt: skip
+
+
+def _pretokenize_cmd(s: DemoSettings, p: _Paths) -> list[str]:
+    """Step 4: images → dVAE argmax codes [P §2.2]."""
+    return _dalle("pretokenize", "--shards", p.train_shards, "--dvae", str(p.dvae / "checkpoint.pt"),
+                  "--out", str(p.tokens), "--procs", "2", "--shard-size", str(s.shard_size),
+                  "--device", s.device)  # fmt: skip
+
+
+def _prior_cmd(s: DemoSettings, p: _Paths, warmup: int, precision: list[str]) -> list[str]:
+    """Step 5: the prior on 2 gloo processes, by torchrun of the package's launcher [P §2.2, §2.5]."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", LAUNCHER,
+            "--stage", "prior", "--config", str(CONFIGS / "prior.yaml"),
+            "--data.shards", str(p.tokens), "--data.tokenizer", str(p.tok), "--parallel.topology", s.topology,
+            "--train.steps", str(s.prior_steps),
+            "--optim.lr_steps",  # the cosine decay ends with the run (it must start after warmup)
+            str(max(s.prior_steps, warmup + 1)),
+            "--train.out_dir", str(p.prior), "--train.device", s.device, "--train.seed", str(s.seed),
+            "--train.progress", "false", *precision, *_NO_WANDB]  # fmt: skip
+
+
+def _reranker_cmd(s: DemoSettings, p: _Paths) -> list[str]:
+    """Step 6: the contrastive reranker [P §2.6]."""
+    return _dalle("train-reranker", "--shards", p.train_shards, "--tokenizer", str(p.tok), "--out", str(p.rerank),
+                  "--steps", str(s.reranker_steps), "--seed", str(s.seed), "--device", s.device)  # fmt: skip
+
+
+def _export_cmd(p: _Paths) -> list[str]:
+    """Step 7: prior + dVAE + tokenizer + reranker in one directory."""
+    return _dalle("export", "--prior", str(p.prior), "--dvae", str(p.dvae / "checkpoint.pt"), "--tokenizer", str(p.tok),
+                  "--reranker", str(p.rerank), "--out", str(p.export))  # fmt: skip
+
+
+def _generate_cmd(s: DemoSettings, p: _Paths, captions: list[str], gen: Path) -> list[str]:
+    """Step 8: N samples per caption, reranked to the best K [P §2.6]."""
+    texts = [a for c in captions for a in ("--text", c)]
+    return _dalle("generate", "--checkpoint", str(p.export), *texts, "--n", str(s.n_samples),
+                  "--rerank", str(s.rerank_k), "--seed", str(s.seed), "--device", s.device,
+                  "--out", str(gen))  # fmt: skip
+
+
+def _training_steps(s: DemoSettings, p: _Paths) -> list[Step]:
+    """Steps 1-7, from the data to the export."""
     # The demo's configs as the trainers will read them (flavor → YAML → the data paths below): the images are
     # drawn at the side the dVAE reads, and the prior's cosine must end after its warmup.
-    dvae_cfg = build_config("dvae", [CONFIGS / "dvae.yaml"], {"data.shards": train_shards})
+    dvae_cfg = build_config("dvae", [CONFIGS / "dvae.yaml"], {"data.shards": p.train_shards})
     prior_cfg = build_config(
-        "prior", [CONFIGS / "prior.yaml"], {"data.shards": str(tokens), "data.tokenizer": str(tok)}
+        "prior", [CONFIGS / "prior.yaml"], {"data.shards": str(p.tokens), "data.tokenizer": str(p.tok)}
     )
-    image_size, prior_warmup = dvae_cfg.model.image_size, prior_cfg.optim.warmup_steps
     dvae_precision = _precision_override("dVAE", dvae_cfg.precision.dtype, s.device)
     prior_precision = _precision_override("prior", prior_cfg.precision.dtype, s.device)
-    steps = [
-        Step(
-            "data",
-            _dalle(
-                "data",
-                "shapes",
-                "--out",
-                str(data),
-                "--n",
-                str(s.n_train),
-                "--n-heldout",
-                str(s.n_heldout),
-                "--shard-size",
-                str(s.shard_size),
-                "--size",
-                str(image_size),
-                "--seed",
-                str(s.seed),
-            ),  # fmt: skip
-            _exists(data / "manifest.json"),
-        ),
-        Step(
-            "tokenizer",
-            _dalle("tokenizer", "train", "--shards", train_shards, "--out", str(tok), "--vocab-size", "512"),
-            _exists(tok),
-        ),
-        Step(
-            "dvae",
-            _dalle(
-                "train-dvae",
-                "--config",
-                str(CONFIGS / "dvae.yaml"),
-                "--data.shards",
-                train_shards,
-                "--train.steps",
-                str(s.dvae_steps),
-                # τ and lr follow the run's length, so --dvae-steps N still ends at τ = 1/16 [P A.2]
-                "--optim.temp_steps",
-                str(s.dvae_steps),
-                "--optim.lr_steps",
-                str(s.dvae_steps),
-                "--train.out_dir",
-                str(dvae),
-                "--train.device",
-                s.device,
-                "--train.seed",
-                str(s.seed),
-                *dvae_precision,
-                *wandb,
-            ),  # fmt: skip
-            lambda: _trained(dvae / "metrics.jsonl", s.dvae_steps),
-        ),
-        Step(
-            "pretokenize",
-            _dalle(
-                "pretokenize",
-                "--shards",
-                train_shards,
-                "--dvae",
-                str(dvae / "checkpoint.pt"),
-                "--out",
-                str(tokens),
-                "--procs",
-                "2",
-                "--shard-size",
-                str(s.shard_size),
-                "--device",
-                s.device,
-            ),  # fmt: skip
-            _exists(tokens / "manifest.json"),
-        ),
-        Step(
-            "prior",
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                LAUNCHER,
-                "--stage",
-                "prior",
-                "--config",
-                str(CONFIGS / "prior.yaml"),
-                "--data.shards",
-                str(tokens),
-                "--data.tokenizer",
-                str(tok),
-                "--parallel.topology",
-                s.topology,
-                "--train.steps",
-                str(s.prior_steps),
-                "--optim.lr_steps",  # the cosine decay ends with the run (it must start after warmup)
-                str(max(s.prior_steps, prior_warmup + 1)),
-                "--train.out_dir",
-                str(prior),
-                "--train.device",
-                s.device,
-                "--train.seed",
-                str(s.seed),
-                "--train.progress",
-                "false",
-                *prior_precision,
-                *wandb,
-            ],  # fmt: skip
-            lambda: _trained(prior / "metrics.jsonl", s.prior_steps),
-            env={"OMP_NUM_THREADS": "1"},  # one core per process
-        ),
-        Step(
-            "reranker",
-            _dalle(
-                "train-reranker",
-                "--shards",
-                train_shards,
-                "--tokenizer",
-                str(tok),
-                "--out",
-                str(rerank),
-                "--steps",
-                str(s.reranker_steps),
-                "--seed",
-                str(s.seed),
-                "--device",
-                s.device,
-            ),  # fmt: skip
-            _exists(rerank / "reranker.json"),
-        ),
-        Step(
-            "export",
-            _dalle(
-                "export",
-                "--prior",
-                str(prior),
-                "--dvae",
-                str(dvae / "checkpoint.pt"),
-                "--tokenizer",
-                str(tok),
-                "--reranker",
-                str(rerank),
-                "--out",
-                str(export),
-            ),  # fmt: skip
-            _exists(export / "config.json"),
-        ),
-    ]
+    tokenizer_cmd = _dalle("tokenizer", "train", "--shards", p.train_shards, "--out", str(p.tok), "--vocab-size", "512")
+    return [
+        Step("data", _data_cmd(s, p, dvae_cfg.model.image_size), _exists(p.data / "manifest.json")),
+        Step("tokenizer", tokenizer_cmd, _exists(p.tok)),
+        Step("dvae", _dvae_cmd(s, p, dvae_precision), lambda: _trained(p.dvae / "metrics.jsonl", s.dvae_steps)),
+        Step("pretokenize", _pretokenize_cmd(s, p), _exists(p.tokens / "manifest.json")),
+        Step("prior", _prior_cmd(s, p, prior_cfg.optim.warmup_steps, prior_precision),
+             lambda: _trained(p.prior / "metrics.jsonl", s.prior_steps),
+             env={"OMP_NUM_THREADS": "1"}),  # one core per process
+        Step("reranker", _reranker_cmd(s, p), _exists(p.rerank / "reranker.json")),
+        Step("export", _export_cmd(p), _exists(p.export / "config.json")),
+    ]  # fmt: skip
+
+
+def _sampling_steps(s: DemoSettings, p: _Paths) -> list[Step]:
+    """Steps 8-9 per split (seen, held-out): generate, then judge all samples and the reranked ones; FID / IS of
+    the seen samples against the held-out images when the Inception weights are given."""
+    steps = []
     for split, captions in (("seen", s.seen_captions), ("heldout", s.heldout_captions)):
-        texts = [a for c in captions for a in ("--text", c)]
-        gen = out / "samples" / split
-        steps.append(
-            Step(
-                f"generate_{split}",
-                _dalle(
-                    "generate",
-                    "--checkpoint",
-                    str(export),
-                    *texts,
-                    "--n",
-                    str(s.n_samples),
-                    "--rerank",
-                    str(s.rerank_k),
-                    "--seed",
-                    str(s.seed),
-                    "--device",
-                    s.device,
-                    "--out",
-                    str(gen),
-                ),  # fmt: skip
-                _exists(gen / "index.json"),
-            )
-        )
+        gen = p.out / "samples" / split
+        steps.append(Step(f"generate_{split}", _generate_cmd(s, p, captions, gen), _exists(gen / "index.json")))
         for which, extra in (("all", []), ("reranked", ["--selected-only"])):
-            result = out / "eval" / f"{split}_{which}.json"
-            steps.append(
-                Step(
-                    f"eval_{split}_{which}",
-                    _dalle("eval", "--generated", str(gen), "--judge", *extra, "--json", "--out", str(result)),
-                    _exists(result),
-                )
-            )
+            result = p.out / "eval" / f"{split}_{which}.json"
+            cmd = _dalle("eval", "--generated", str(gen), "--judge", *extra, "--json", "--out", str(result))
+            steps.append(Step(f"eval_{split}_{which}", cmd, _exists(result)))
     if s.inception:
-        result = out / "eval" / "fid_seen.json"
-        steps.append(
-            Step(
-                "eval_fid",
-                _dalle(
-                    "eval",
-                    "--generated",
-                    str(out / "samples" / "seen"),
-                    "--reference",
-                    str(held),
-                    "--inception",
-                    s.inception,
-                    "--json",
-                    "--out",
-                    str(result),
-                ),  # fmt: skip
-                _exists(result),
-            )
-        )
+        result = p.out / "eval" / "fid_seen.json"
+        cmd = _dalle("eval", "--generated", str(p.out / "samples" / "seen"), "--reference", str(p.held),
+                     "--inception", s.inception, "--json", "--out", str(result))  # fmt: skip
+        steps.append(Step("eval_fid", cmd, _exists(result)))
     return steps
+
+
+def build_steps(s: DemoSettings) -> list[Step]:
+    """The demo's steps in order (the module docstring lists them); nothing is run."""
+    p = _Paths.of(s)
+    return _training_steps(s, p) + _sampling_steps(s, p)
 
 
 def native_bf16(device: str) -> bool:
