@@ -345,6 +345,10 @@ class ParallelConfig:
     n_microbatches: int = 1  # pipeline microbatches per step (pp > 1); must divide the per-rank batch
     schedule: str = "1f1b"  # "1f1b" | "interleaved1f1b" | "gpipe"
     virtual_stages: int = 1  # stages per pp rank (interleaved1f1b)
+    # pp > 1 with shard > 1: "step" (torch's pipelining: every stage stays all-gathered, its gradients unsharded,
+    # until the last microbatch) | "microbatch" (reshard and reduce-scatter after every microbatch's backward:
+    # less memory, one reduce-scatter per microbatch; docs/distributed.md)
+    pp_reshard: str = "step"
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "gloo" | "nccl"
 
 

@@ -52,7 +52,6 @@ STORAGES = ("engine", "policy")
 MODELLED = {
     "storage": ("engine", "--storage policy"),
     "fc2_shard_dim": (0, "--fc2-shard-dim 1"),
-    "pp_reshard_per_microbatch": (False, "--pp-reshard-per-microbatch"),
     "ema_on_device": (True, "--ema-on-cpu"),
 }
 # DryRunOptions fields that are run-config keys; PowerSGD, the schedule and the microbatches are mapped apart.
@@ -101,7 +100,7 @@ class DryRunOptions:
     moments: str = "fp32"  # precision.moments_dtype of the 16-bit weights' Adam moments ("bf16": 4 B [P B.2])
     attention: str = "efficient"  # "efficient": SDPA kernel without the T×T scores; "math": scores materialised
     ema_on_device: bool = True  # the engine keeps an fp32 EMA of its shards on the device; the paper on the CPU
-    pp_reshard_per_microbatch: bool = False  # model an engine that reshards and reduce-scatters every microbatch
+    pp_reshard_per_microbatch: bool = False  # parallel.pp_reshard=microbatch: reshard + reduce-scatter per microbatch
     fc2_shard_dim: int = 0  # FSDP2 shard dim of the second MLP matrix; the paper shards it along 4d (dim 1 here)
     nodes: int | None = None  # with gpus_per_node: the world size the topology must multiply out to
     gpus_per_node: int = 8  # [P E.2 note 4]
@@ -117,6 +116,8 @@ def config_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
     out = {CONFIG_KEYS[k]: v for k, v in values.items() if k in CONFIG_KEYS}
     if "virtual_stages" in values:
         out["parallel.schedule"] = "interleaved1f1b" if values["virtual_stages"] > 1 else "1f1b"
+    if "pp_reshard_per_microbatch" in values:
+        out["parallel.pp_reshard"] = "microbatch" if values["pp_reshard_per_microbatch"] else "step"
     if "powersgd_rank" in values:
         rank = values["powersgd_rank"]
         out["comm.replica_reduce"] = "powersgd" if rank > 0 else "allreduce"
@@ -157,7 +158,7 @@ def prior_run_config(
     """
     layer: dict[str, Any] = {}
     if not files:
-        values = {k: getattr(opts, k) for k in (*CONFIG_KEYS, "powersgd_rank")}
+        values = {k: getattr(opts, k) for k in (*CONFIG_KEYS, "powersgd_rank", "pp_reshard_per_microbatch")}
         values["microbatches"] = _microbatches(opts, Topology.parse(opts.topology))
         layer = config_overrides(values)
     return build_config("prior", list(files), {**layer, **(overrides or {})})

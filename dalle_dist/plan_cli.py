@@ -128,7 +128,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction
         "--pp-reshard-per-microbatch",
         action="store_const",
         const=True,
-        help="modelled: an engine that reshards and reduce-scatters every microbatch (torch's pipelining does not)",
+        help="parallel.pp_reshard microbatch: reshard and reduce-scatter after every microbatch (default: step, "
+        "torch's pipelining keeps each stage gathered until the last microbatch)",
     )
     p.add_argument(
         "--storage",

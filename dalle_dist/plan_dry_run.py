@@ -116,6 +116,7 @@ def resolved_options(opts: DryRunOptions, run_cfg: PriorRunConfig) -> DryRunOpti
         microbatches=par.n_microbatches,
         micro_batch=None,
         virtual_stages=par.virtual_stages,
+        pp_reshard_per_microbatch=par.pp_reshard == "microbatch",
         powersgd_rank=total_powersgd_rank(run_cfg.comm, run_cfg.model.d_model),
     )
 
@@ -151,7 +152,7 @@ def _notes(topo: Topology, opts: DryRunOptions) -> list[str]:
         notes.append(
             "pp > 1: torch.distributed.pipelining keeps each stage all-gathered after its first backward and "
             "accumulates unsharded gradients until the last microbatch (comm_buffers mode stage_unsharded); "
-            "--pp-reshard-per-microbatch shows an engine that reshards every microbatch"
+            "--pp-reshard-per-microbatch (parallel.pp_reshard microbatch) reshards every microbatch"
         )
     if opts.fc2_shard_dim == 0 and opts.powersgd_rank > 0 and topo.shard > 1:
         notes.append(

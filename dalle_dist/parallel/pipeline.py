@@ -20,6 +20,25 @@ from ..config import PriorModelConfig
 from ..models.prior import DallePrior
 
 SCHEDULES = ("1f1b", "interleaved1f1b", "gpipe")
+PP_RESHARD = ("step", "microbatch")  # parallel.pp_reshard: when FSDP reshards a stage and reduce-scatters its grads
+
+
+class ShardedStageHolder(nn.Module):
+    """A plain module around an FSDP-wrapped stage, so ``torch.distributed.pipelining`` treats it as unsharded.
+
+    Handed a ``FSDPModule``, pipelining sets ``set_reshard_after_backward(False)`` and
+    ``set_requires_gradient_sync(False)`` until the last microbatch: every parameter of the stage stays
+    all-gathered and its gradient unsharded (fp32) for the whole step. Behind this holder each microbatch's
+    backward is an ordinary FSDP2 backward: the resblocks reshard and reduce-scatter as they finish, and FSDP2
+    accumulates the reduce-scattered gradients into the shards (``parallel.pp_reshard: microbatch``).
+    """
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args: Tensor) -> Any:
+        return self.stage(*args)
 
 
 class PriorStage(nn.Module):
@@ -101,11 +120,16 @@ class PipelineParts:
         n_microbatches: int,
         loss_fn: Callable | None,
         schedule: str = "1f1b",
+        reshard: str = "step",
     ) -> Any:
-        """Wrap the (already sharded, materialised) stages in ``PipelineStage`` objects and a schedule."""
+        """Wrap the (already sharded, materialised) stages in ``PipelineStage`` objects and a schedule.
+
+        ``reshard="microbatch"`` hands pipelining each stage behind a :class:`ShardedStageHolder`.
+        """
         from torch.distributed.pipelining import PipelineStage
 
-        pipe = [PipelineStage(s, i, self.n_stages, device, group=group) for s, i in zip(self.stages, self.stage_ids)]
+        mods = [ShardedStageHolder(s) if reshard == "microbatch" else s for s in self.stages]
+        pipe = [PipelineStage(m, i, self.n_stages, device, group=group) for m, i in zip(mods, self.stage_ids)]
         self.schedule = build_schedule(pipe, n_microbatches, loss_fn, schedule)
         return self.schedule
 

@@ -108,8 +108,9 @@ class PriorTrainer:
         self.n_stages = topo.pp * cfg.parallel.virtual_stages
         self.data = PriorData(cfg, topo, topo.dp_rank(self.rank), self.device)
         if topo.pp > 1:
+            par = cfg.parallel
             self.pipe_schedule = self.parts.pipeline.build_schedule(
-                self.device, self.mesh["pp"].get_group(), cfg.parallel.n_microbatches, self._loss, cfg.parallel.schedule
+                self.device, self.mesh["pp"].get_group(), par.n_microbatches, self._loss, par.schedule, par.pp_reshard
             )
         self._built = True
         return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import ConfigError, PriorRunConfig
 from ..data.shards import ShardError, expand_shards
-from ..parallel.pipeline import SCHEDULES
+from ..parallel.pipeline import PP_RESHARD, SCHEDULES
 from ..parallel.topology import Topology
 
 
@@ -17,6 +17,8 @@ def check_prior_config(cfg: PriorRunConfig, world_size: int | None = None) -> To
         topo.check(world_size)
     if par.schedule not in SCHEDULES:
         raise ConfigError(f"parallel.schedule={par.schedule!r}: choose one of {list(SCHEDULES)}")
+    if par.pp_reshard not in PP_RESHARD:
+        raise ConfigError(f"parallel.pp_reshard={par.pp_reshard!r}: choose one of {list(PP_RESHARD)}")
     if par.virtual_stages < 1 or (par.virtual_stages > 1 and par.schedule != "interleaved1f1b"):
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.schedule=interleaved1f1b")
     n_chunks, n_blocks = topo.pp * par.virtual_stages, 2 * cfg.model.n_layers
