@@ -51,7 +51,6 @@ STORAGES = ("engine", "policy")
 # DryRunOptions fields that model engines not built yet: value that the trainer builds → CLI flag.
 MODELLED = {
     "storage": ("engine", "--storage policy"),
-    "fc2_shard_dim": (0, "--fc2-shard-dim 1"),
     "ema_on_device": (True, "--ema-on-cpu"),
 }
 # DryRunOptions fields that are run-config keys; PowerSGD, the schedule and the microbatches are mapped apart.
@@ -65,6 +64,7 @@ CONFIG_KEYS = {
     "global_batch": "data.batch_size",
     "microbatches": "parallel.n_microbatches",
     "virtual_stages": "parallel.virtual_stages",
+    "fc2_shard_dim": "parallel.fc2_shard_dim",
 }
 
 
@@ -101,7 +101,7 @@ class DryRunOptions:
     attention: str = "efficient"  # "efficient": SDPA kernel without the T×T scores; "math": scores materialised
     ema_on_device: bool = True  # the engine keeps an fp32 EMA of its shards on the device; the paper on the CPU
     pp_reshard_per_microbatch: bool = False  # parallel.pp_reshard=microbatch: reshard + reduce-scatter per microbatch
-    fc2_shard_dim: int = 0  # FSDP2 shard dim of the second MLP matrix; the paper shards it along 4d (dim 1 here)
+    fc2_shard_dim: int = 1  # parallel.fc2_shard_dim: the second MLP matrix (d, 4d) cut along 4d [P Table 2]; 0: d
     nodes: int | None = None  # with gpus_per_node: the world size the topology must multiply out to
     gpus_per_node: int = 8  # [P E.2 note 4]
 
@@ -266,18 +266,14 @@ def _records(stage: nn.Module, shards: int, wire16: int) -> list[ParamShard]:
 
 
 def _modelled_record(p: ParamShard, opts: DryRunOptions, low16: bool, shards: int, shard_rank: int) -> ParamShard:
-    """What-if engines over a measured record: ``--storage policy`` (native 16-bit shards, one FSDP2 unit per
-    resblock, no mixed-precision policy) and ``--fc2-shard-dim 1`` (fc2 (d, 4d) cut along 4d [P Table 2])."""
+    """The what-if engine ``--storage policy`` over a measured record: native 16-bit shards, one FSDP2 unit per
+    resblock, no mixed-precision policy."""
     from dataclasses import replace
 
     if opts.storage == "policy":
         size = p.wire_itemsize if low16 else p.itemsize
         unit = f"resblocks.{p.block}" if shards > 1 and p.name.startswith("resblocks.") else ""
         p = replace(p, unit=unit, itemsize=size, gather_itemsize=size, reduce_itemsize=size)
-    if opts.fc2_shard_dim == 1 and shards > 1 and p.name.endswith(".fc2.weight"):
-        rows, cols = p.shape
-        sizes = shard_sizes(cols, shards)
-        p = replace(p, local_shape=(rows, sizes[shard_rank]), padded_numel=rows * sizes[0])
     return p
 
 

@@ -117,6 +117,7 @@ def resolved_options(opts: DryRunOptions, run_cfg: PriorRunConfig) -> DryRunOpti
         micro_batch=None,
         virtual_stages=par.virtual_stages,
         pp_reshard_per_microbatch=par.pp_reshard == "microbatch",
+        fc2_shard_dim=par.fc2_shard_dim,
         powersgd_rank=total_powersgd_rank(run_cfg.comm, run_cfg.model.d_model),
     )
 
@@ -154,10 +155,10 @@ def _notes(topo: Topology, opts: DryRunOptions) -> list[str]:
             "accumulates unsharded gradients until the last microbatch (comm_buffers mode stage_unsharded); "
             "--pp-reshard-per-microbatch (parallel.pp_reshard microbatch) reshards every microbatch"
         )
-    if opts.fc2_shard_dim == 0 and opts.powersgd_rank > 0 and topo.shard > 1:
+    if opts.fc2_shard_dim == 0 and opts.powersgd_rank > 0 and topo.shard > 1:  # parallel.fc2_shard_dim 0
         notes.append(
             "FSDP2 shards dim 0, which cuts the second MLP matrix (d, 4d) along d; the paper cuts it along 4d "
-            "[P Table 2]: compare compression_rate with compression_rate_paper_layout (--fc2-shard-dim 1 models it)"
+            "[P Table 2]: compare compression_rate with compression_rate_paper_layout (--fc2-shard-dim 1 builds it)"
         )
     return notes
 

@@ -5,7 +5,8 @@
    name, so every topology starts from the one-process weights (skipped on the meta device: the planner);
 3. numerics per stage (``apply_stage_precision``): 16-bit values in fp32 storage, autocast, checkpointing;
    the trainer then attaches its gradient scaler's hooks (before FSDP wraps the modules);
-4. FSDP2 per resblock (and per 16-bit Linear), then per stage, on the ``shard`` mesh dim [P Fig. 5].
+4. FSDP2 per resblock (and per 16-bit Linear), per embedding and head, then per stage, on the ``shard`` mesh dim,
+   fc2 cut along ``parallel.fc2_shard_dim`` [P Fig. 5, Table 2].
 
 The trainer and ``plan --dry-run`` both call :func:`build_prior_parts` and :func:`apply_prior_fsdp`, so what the
 planner measures is what runs.
@@ -48,6 +49,7 @@ class PriorParts:
     pipeline: PipelineParts
     view: StageView
     policy: PrecisionPolicy  # dtype and scaling of the run; low_params: this rank's 16-bit parameter names
+    cfg: PriorRunConfig  # the run config it was built from
 
     @property
     def stages(self) -> list[PriorStage]:
@@ -68,10 +70,11 @@ def build_prior_parts(cfg: PriorRunConfig, topology: Topology, pp_rank: int, dev
     low = [n for p in policies for n in p.low_params]
     fp32 = [n for p in policies for n in p.fp32_params]
     policy = PrecisionPolicy(policies[0].dtype, policies[0].scaling, fp32_params=fp32, low_params=low)
-    return PriorParts(meta_model, pipeline, StageView(pipeline.stages), policy)
+    return PriorParts(meta_model, pipeline, StageView(pipeline.stages), policy, cfg)
 
 
 def apply_prior_fsdp(parts: PriorParts, topology: Topology, shard_mesh) -> None:  # noqa: ANN001 - DeviceMesh
     """Step 4: FSDP2 on the ``shard`` dim when there is more than one shard (one shard: plain tensors)."""
     if topology.shard > 1:
-        apply_fsdp(parts.stages, shard_mesh, parts.policy.low_params, parts.policy.dtype)
+        par = parts.cfg.parallel
+        apply_fsdp(parts.stages, shard_mesh, parts.policy.low_params, parts.policy.dtype, par.fc2_shard_dim)

@@ -19,6 +19,8 @@ def check_prior_config(cfg: PriorRunConfig, world_size: int | None = None) -> To
         raise ConfigError(f"parallel.schedule={par.schedule!r}: choose one of {list(SCHEDULES)}")
     if par.pp_reshard not in PP_RESHARD:
         raise ConfigError(f"parallel.pp_reshard={par.pp_reshard!r}: choose one of {list(PP_RESHARD)}")
+    if par.fc2_shard_dim not in (0, 1):
+        raise ConfigError(f"parallel.fc2_shard_dim={par.fc2_shard_dim}: 1 (along 4d, the paper's) or 0 (along d)")
     if par.virtual_stages < 1 or (par.virtual_stages > 1 and par.schedule != "interleaved1f1b"):
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.schedule=interleaved1f1b")
     n_chunks, n_blocks = topo.pp * par.virtual_stages, 2 * cfg.model.n_layers

@@ -104,12 +104,15 @@ def test_12b_on_1024_v100s():
     assert pp2["bytes_per_step"]["powersgd_rank_per_gpu"] == 112  # 896 over 8 shards [P B.2]
     assert pp2["compression_rate_paper_layout"] == pytest.approx(1 - 5 * 896 / (8 * 3968), abs=1e-3)  # 0.859
     assert pp2["compression_rate_paper_layout"] == pytest.approx(0.859, abs=1e-3)
-    # FSDP2 cuts fc2 (d, 4d) along d: P of its shard is (d/8 + 4d)·r, so the rate is 1 − 27r/(4d) per GPU rank r.
-    assert pp2["compression_rate"] == pytest.approx(1 - 27 * 112 / (4 * 3968), rel=1e-9)
+    # The engine cuts fc2 (d, 4d) along 4d as the paper does (parallel.fc2_shard_dim 1): the rate is 1 − 5r/(8d) …
+    assert pp2["compression_rate"] == pytest.approx(1 - 5 * 112 * 8 / (8 * 3968), rel=1e-9)
+    along_d = dry_run(DryRunOptions(topology="pp=2,replicate=64,shard=8", fc2_shard_dim=0, **common))
+    # … and FSDP2's default dim 0 along d: P of its shard is (d/8 + 4d)·r, 1 − 27r/(4d) per GPU rank r.
+    assert along_d["compression_rate"] == pytest.approx(1 - 27 * 112 / (4 * 3968), rel=1e-9)
     pp16 = dry_run(DryRunOptions(topology="pp=16,replicate=8,shard=8", **common))
     assert pp16["fits"] and pp16["per_rank_memory_bytes"]["total"] < 12 * GIB
     assert not dry_run(DryRunOptions(topology="pp=1,replicate=1024,shard=1", **common))["fits"]
-    paper_layout = dry_run(DryRunOptions(topology="pp=1,replicate=128,shard=8", fc2_shard_dim=1, **common))
+    paper_layout = dry_run(DryRunOptions(topology="pp=1,replicate=128,shard=8", **common))
     assert paper_layout["compression_rate"] == pytest.approx(0.859, abs=1e-3)  # with the paper's fc2 axis
     assert paper_layout["params_total"] == 12_292_840_960
     assert time.perf_counter() - start < 120
