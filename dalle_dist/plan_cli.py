@@ -145,7 +145,10 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction
         help="keep every resblock's activations (default: recompute them [P §2.4])",
     )
     p.add_argument(
-        "--fc2-shard-dim", type=int, choices=[0, 1], help="parallel.fc2_shard_dim: FSDP2 shard dim of fc2 (1, default: along 4d, the paper's; 0: along d)"
+        "--fc2-shard-dim",
+        type=int,
+        choices=[0, 1],
+        help="parallel.fc2_shard_dim: FSDP2 shard dim of fc2 (1, default: along 4d, the paper's; 0: along d)",
     )
     p.add_argument("--nodes", type=int, help="machines; the topology must multiply out to nodes × gpus-per-node")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per machine (default 8 [P E.2])")
