@@ -272,7 +272,8 @@ def _modelled_record(p: ParamShard, opts: DryRunOptions, low16: bool, shards: in
 
     if opts.storage == "policy":
         size = p.wire_itemsize if low16 else p.itemsize
-        unit = f"resblocks.{p.block}" if shards > 1 and p.name.startswith("resblocks.") else ""
+        # One unit per resblock, and the embeddings and head as units of their own, as the engine builds them.
+        unit = "" if shards == 1 else f"resblocks.{p.block}" if p.name.startswith("resblocks.") else p.block
         p = replace(p, unit=unit, itemsize=size, gather_itemsize=size, reduce_itemsize=size)
     return p
 

@@ -130,8 +130,9 @@ def comm_buffer_bytes(stages: list[StageShards], shards: int, pp: int, reshard_p
 
     - "per_unit" (pp = 1, or an engine that reshards after every microbatch): two neighbouring units all-gathered,
       the current and the prefetched one [P Fig. 5], plus the largest unit's autograd gradient and its
-      reduce-scatter input. The stage's root unit (embeddings / head) is not resharded after forward (FSDP2 skips
-      that for the root) and reduce-scatters last, so its parameters and gradients stay unsharded throughout.
+      reduce-scatter input. The embeddings and the head are units of their own (``parallel/fsdp.py``); a root unit
+      that holds parameters would not be resharded after forward (FSDP2 skips that for the root) and reduce-scatters
+      last, so its parameters and gradients would stay unsharded throughout.
     - "stage_unsharded" (pp > 1 under torch.distributed.pipelining): ``backward_maybe_with_nosync`` sets
       ``reshard_after_backward(False)`` and ``requires_gradient_sync(False)`` for every microbatch, so after the
       first backward the whole stage stays all-gathered and its gradients accumulate unsharded (in the reduce
