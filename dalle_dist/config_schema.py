@@ -293,7 +293,9 @@ class PrecisionConfig:
     backoff_window: int = 125  # no two divisions of the same scale within this many updates [P D.1]
     activation_checkpointing: bool = False  # recompute resblock activations in the backward pass [P §2.4]
     master_weights: bool = False  # fp32 master copy of 16-bit weights in the optimizer; paper: none (spec §3)
-    moments_dtype: str = "fp32"  # Adam moments of 16-bit weights: "fp32" | "bf16" (paper: 16-bit 1-6-9 / 0-6-10)
+    # Adam moments of the 16-bit weights (fp32 weights always keep fp32 moments): "bf16" (default: 4 B per
+    # parameter as the paper's 16-bit 1-6-9 / 0-6-10 formats, with a wide exponent like theirs [P B.2]) | "fp32"
+    moments_dtype: str = "bf16"
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "fp16", "bf16"):

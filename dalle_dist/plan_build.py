@@ -97,7 +97,7 @@ class DryRunOptions:
     virtual_stages: int = 1  # > 1: interleaved 1F1B
     master_weights: bool = False  # precision.master_weights ("policy" storage: AdamW32's fp32 master copy)
     activation_checkpointing: bool = True  # every resblock [P §2.4]; precision.activation_checkpointing
-    moments: str = "fp32"  # precision.moments_dtype of the 16-bit weights' Adam moments ("bf16": 4 B [P B.2])
+    moments: str = "bf16"  # precision.moments_dtype of the 16-bit weights' Adam moments (4 B [P B.2]; "fp32": 8 B)
     attention: str = "efficient"  # "efficient": SDPA kernel without the T×T scores; "math": scores materialised
     ema_on_device: bool = True  # the engine keeps an fp32 EMA of its shards on the device; the paper on the CPU
     pp_reshard_per_microbatch: bool = False  # parallel.pp_reshard=microbatch: reshard + reduce-scatter per microbatch

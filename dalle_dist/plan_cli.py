@@ -115,7 +115,7 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction
     p.add_argument("--micro-batch", type=int, help="samples per microbatch (default 1 when pp > 1)")
     p.add_argument("--virtual-stages", type=int, help="stages per pp rank, interleaved 1F1B (default 1)")
     p.add_argument("--master-weights", action="store_const", const=True, help="precision.master_weights")
-    p.add_argument("--moments", choices=["fp32", "bf16"], help="Adam moments of the 16-bit weights (default fp32)")
+    p.add_argument("--moments", choices=["fp32", "bf16"], help="Adam moments of the 16-bit weights (default bf16)")
     p.add_argument("--attention", choices=["efficient", "math"], help="SDPA kernel (math materialises B·h·T²)")
     p.add_argument(
         "--ema-on-cpu",

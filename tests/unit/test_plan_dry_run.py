@@ -226,11 +226,12 @@ def test_modelled_options_are_named_and_the_optimizer_is_the_engines():
     what_if = dry_run(DryRunOptions(**{**base.__dict__, "storage": "policy", "ema_on_device": False}))
     assert what_if["settings"]["modelled"] == ["--storage policy", "--ema-on-cpu"]
     assert any(n.startswith("modelled, not built: --storage policy, --ema-on-cpu") for n in what_if["notes"])
-    # fp16 without master weights: the trainer builds ShardedAdamW32, which loops (no foreach copy at shard = 1).
+    # fp16 without master weights: the trainer builds ShardedAdamW32, which loops (no foreach copy at shard = 1);
+    # with bf16 moments (the default) it also holds fp32 copies of one parameter's two moments.
     m = built["per_rank_memory_bytes"]
     cfg = prior_run_config(base)
     biggest = max(p.local_numel for s in shard_stages(cfg, check_prior_config(cfg), 0, base) for p in s.params)
-    assert built["settings"]["optimizer"] == "ShardedAdamW32" and m["optimizer_workspace"] == 2 * FP32 * biggest
-    bf16 = dry_run(DryRunOptions(**{**base.__dict__, "moments": "bf16"}))["per_rank_memory_bytes"]
-    assert bf16["optimizer"] < m["optimizer"] and bf16["optimizer_workspace"] == 2 * m["optimizer_workspace"]
+    assert built["settings"]["optimizer"] == "ShardedAdamW32" and m["optimizer_workspace"] == 4 * FP32 * biggest
+    fp32 = dry_run(DryRunOptions(**{**base.__dict__, "moments": "fp32"}))["per_rank_memory_bytes"]
+    assert m["optimizer"] < fp32["optimizer"] and m["optimizer_workspace"] == 2 * fp32["optimizer_workspace"]
     assert in_flight(0, 4, 8, 1, "gpipe") == 8 and in_flight(0, 4, 8, 1) == 4

@@ -204,7 +204,7 @@ def test_fp16_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
     first = [h["loss"] for h in part.fit()]
     resumed = micro_trainer(tmp_path / "part", "fp16", **{"train.steps": "6"})
     rest = [h["loss"] for h in resumed.fit()]
-    assert first + rest == full  # bit-exact: 16-bit weights, fp32 moments, grad scales, RNG
+    assert first + rest == full  # bit-exact: 16-bit weights, bf16 moments, grad scales, RNG
     step6 = ("checkpoints", "step_00000006", "trainer.pt")
     a = torch.load(tmp_path.joinpath("full", *step6), weights_only=True)
     b = torch.load(tmp_path.joinpath("part", *step6), weights_only=True)
@@ -216,8 +216,11 @@ def test_fp16_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
     assert torch.equal(w, w.half().float())  # a 16-bit weight: fp16 values in fp32 storage
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
-    for st in resumed.optimizer.state.values():
-        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+    low = set(resumed.parts.policy.low_params)  # precision.moments_dtype bf16 (default): 16-bit moments for those
+    for n, p in resumed.view.named_parameters():
+        want = torch.bfloat16 if n in low else torch.float32
+        st = resumed.optimizer.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == want, n
 
 
 def test_nonfinite_gradient_is_skipped_without_scaler(tmp_path):
