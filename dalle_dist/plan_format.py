@@ -60,7 +60,8 @@ def format_dry_run(r: dict[str, Any]) -> str:
         f"{'FITS' if r['fits'] else 'DOES NOT FIT'} (headroom {_gib(r['headroom_bytes'])} GiB); in the paper's "
         f"formats {_gib(r['paper_formats']['total'], unit)} {unit_name} → "
         f"{'fits' if r['paper_formats']['fits'] else 'does not fit'}",
-        f"  optimizer: {_gib(m['optimizer'], unit)} {unit_name} with fp32 moments, "
+        f"  optimizer: {_gib(m['optimizer'], unit)} {unit_name} with {r['settings']['moments']} moments for the "
+        "16-bit weights, "
         f"{_gib(m['optimizer_paper_formats'], unit)} {unit_name} in the paper's 16-bit moment formats",
         f"  pipeline bubble: {r['bubble_fraction']:.4f}",
     ]
