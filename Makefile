@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Device for smoke runs: cuda when a GPU is visible, else cpu.
 DEVICE  ?= auto
 
-.PHONY: help install test test-small demo lint format plan bench-powersgd bench-data clean
+.PHONY: help install test test-small demo lint format plan bench-powersgd bench-data bench-memory clean
 
 help:
 	@echo "make install     create $(VENV) with torch==2.13.0 and dalle_dist (editable)"
@@ -15,7 +15,7 @@ help:
 	@echo "make demo        the whole pipeline on the synthetic set on CPU (~12 min) -> runs/demo/report.md"
 	@echo "make plan        parameter/memory plan of the 12B prior and the openai dVAE"
 	@echo "make lint        ruff check + format check + hadolint"
-	@echo "make bench-powersgd / bench-data   benchmarks (one JSON object each)"
+	@echo "make bench-powersgd / bench-data / bench-memory   benchmarks (one JSON object each)"
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench-powersgd: $(STAMP)
 
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_throughput.py
+
+# A ~300M prior trained on 2 CPU gloo processes per topology: each rank's measured peak vs plan --dry-run's.
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/memory.py
 
 plan: $(STAMP)
 	$(BIN)/dalle-dist plan --prior 12B --dvae openai
