@@ -57,7 +57,7 @@ bench-powersgd: $(STAMP)
 bench-data: $(STAMP)
 	$(BIN)/python benchmarks/data_throughput.py
 
-# A ~300M prior trained on 2 CPU gloo processes per topology: each rank's measured peak vs plan --dry-run's.
+# A 302M prior trained on 1 and 2 CPU gloo processes per topology: each rank's measured peak vs plan --dry-run's.
 bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 

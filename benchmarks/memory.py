@@ -32,9 +32,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dalle_dist.config import build_config
+from dalle_dist.parallel.topology import Topology
 from dalle_dist.plan_dry_run import DryRunOptions, dry_run
 
-TOPOLOGIES = ("shard=2", "replicate=2", "pp=2")
+TOPOLOGIES = ("pp=1", "shard=2", "replicate=2", "pp=2")  # pp=1: one process, the 1-rank job
 MODEL = {"model.n_layers": "8", "model.d_model": "1536", "model.n_heads": "12", "model.text_len": "32",
          "model.grid": "8", "model.text_vocab": "16384", "model.image_vocab": "8192"}  # fmt: skip
 
@@ -79,8 +80,8 @@ def _rank(rank: int, world: int, port: int, topology: str, out: str, steps: int,
 
 
 def measure(topology: str, steps: int, device: str, precision: str) -> list[dict]:
-    """Train on 2 spawned ranks; each rank's measured peak."""
-    world = 2
+    """Train on the topology's ranks (spawned processes); each rank's measured peak."""
+    world = Topology.parse(topology).world_size
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, timeout=datetime.timedelta(seconds=600),
                           wait_for_workers=False)  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
@@ -99,7 +100,7 @@ def predict(topology: str, steps: int, device: str, precision: str) -> dict[int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated, each of 2 processes")
+    p.add_argument("--topologies", default=";".join(TOPOLOGIES), help="';'-separated topologies (1 or 2 processes)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated precision.dtype values to measure")
@@ -107,7 +108,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for precision in args.precision.split(","):
-        for topology in args.topologies.split(","):
+        for topology in args.topologies.split(";"):
             predicted = predict(topology, args.steps, args.device, precision)
             for r in measure(topology, args.steps, args.device, precision):
                 want = predicted[r["pp_rank"]]
