@@ -1,4 +1,4 @@
-"""Measured against modelled memory: a mid-size prior trains for real on 2 CPU gloo processes in several
+"""Measured against modelled memory: a mid-size prior trains for real on 1 and 2 CPU gloo processes in several
 topologies, and each rank's peak is printed next to ``plan --dry-run``'s prediction for the same run config.
 
     .venv/bin/python benchmarks/memory.py              # prints one JSON object (a few minutes on 2 CPU cores)
