@@ -273,7 +273,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     resume: bool = True  # continue from the latest complete checkpoint in out_dir when there is one
-    keep_checkpoints: int = 3  # distributed runs: complete checkpoints kept in out_dir/checkpoints (0 keeps all)
+    keep_checkpoints: int = 3  # the prior, any topology: complete checkpoints in out_dir/checkpoints (0 keeps all)
     progress: bool = True  # tqdm progress bar
     wandb: str = "offline"  # "offline" | "online" | "disabled"; the WANDB_MODE environment variable wins
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate (H100/H200 bf16 dense: 989e12); 0: none

@@ -11,7 +11,7 @@ from typing import Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of continuing a previous run")
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (checks the plumbing, ~2 min)")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (checks the plumbing, ~1-2 min)")
     p.add_argument("--inception", default="", help="local FID Inception weights: also report FID/IS")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto, for every step")
     p.add_argument("--seed", type=int, default=0)

@@ -227,7 +227,7 @@ def _markdown(summary: dict[str, Any], samples: dict[str, Any], settings: Any) -
         "",
         "![loss curves](figures/loss_curves.png)",
         "",
-        f"Prior: {p['steps']} steps on `{p['topology']}` (2 gloo processes via torchrun, `launch/run.py`), "
+        f"Prior: {p['steps']} steps on `{p['topology']}` (2 gloo processes via torchrun, `-m dalle_dist.launch`), "
         f"computing in {p.get('precision') or 'fp32'}.",
         "",
         "## dVAE reconstructions",
