@@ -3,8 +3,9 @@
 One process is the 1-rank job (``runtime.py``); under torchrun every rank is a replica. ``data.batch_size`` is
 the global batch and each rank takes its slice; with more than one rank the model is wrapped in DDP whose comm
 hook SUMS gradients (the loss is divided by the replica count M [P D.3], so the sum is the global-batch mean).
-Gumbel noise comes from a stream per (rank, step), so a resumed run draws exactly what an unbroken one drew.
-Rank 0 writes ``checkpoint.pt`` (what ``load_dvae``, pretokenize and export read), holding every rank's cursor.
+Gumbel noise comes from one generator per rank, seeded from (``train.seed``, rank); rank 0 writes
+``checkpoint.pt`` (what ``load_dvae``, pretokenize and export read), holding every rank's cursor and generator
+state, so a resumed run draws exactly what an unbroken one drew. One process draws the stream it always drew.
 
 One update: forward → backward (global loss scale in fp16 [P A.2]) → unscale and check (finite flags ANDed over
 the ranks) → clip in place → AdamW → EMA of applied updates → metrics; the loop is ``loop.fit``.
@@ -105,7 +106,7 @@ class DVAETrainer:
         if self.world > 1:
             self.forward_model = DistributedDataParallel(self.model, broadcast_buffers=False)
             self.forward_model.register_comm_hook(dist.group.WORLD, _sum_hook)
-        self.gumbel = torch.Generator(device=self.device)
+        self.gumbel = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1 + 7919 * self.rank)
         self._build_data()
         self._built = True
         return self
@@ -162,8 +163,6 @@ class DVAETrainer:
 
     def _forward(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         s = self.step_num
-        # Gumbel noise: a stream per (rank, step), so a resumed run draws exactly what the uninterrupted one did.
-        self.gumbel.manual_seed(self.cfg.train.seed + 1 + 7919 * self.rank + 1_000_003 * s)
         temperature, kl_weight = self.schedules.temperature_at(s), self.schedules.kl_weight_at(s)
         loss, metrics = self.forward_model(
             images, temperature=temperature, kl_weight=kl_weight, generator=self.gumbel, objective=self.objective
@@ -208,25 +207,30 @@ class DVAETrainer:
 
     # ---- checkpoints, the loop ----------------------------------------------------------------------
 
+    def _gathered(self, obj: Any) -> list[Any]:
+        """Collective: ``obj`` of every rank, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def _data_state(self) -> dict[str, Any]:
         """Collective: the folder sampler's cursor, or every rank's shard cursor gathered onto each rank."""
         if self.sampler is not None:
             return {"sampler": self.sampler.state_dict()}
         if self.loader is None:
             return {}
-        cursors: list[Any] = [None] * self.world
-        dist.all_gather_object(cursors, self.loader.state_dict())
-        return {"world": self.world, "cursors": cursors}
+        return {"world": self.world, "cursors": self._gathered(self.loader.state_dict())}
 
     def save(self) -> Path:
         """Collective; rank 0 writes ``checkpoint.pt`` atomically."""
         data = self._data_state()
+        gumbel = {"world": self.world, "states": self._gathered(self.gumbel.get_state())}
         target = self.out_dir / CHECKPOINT_NAME
         if self.is_main:
             state = {
                 "stage": "dvae", "config": to_dict(self.cfg), "step": self.step_num,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict(), "data": data, "rng": rng_state({}),
+                "ema": self.ema.state_dict(), "data": data, "rng": rng_state({}), "gumbel": gumbel,
                 "precision": {"loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None},
             }  # fmt: skip
             save_checkpoint(target, state)
@@ -248,10 +252,21 @@ class DVAETrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"], {})
+        self._load_gumbel(state)
         if self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(saved_scaler)
         self.step_num = int(state["step"])
         self._load_data_state(state.get("data") or {})
+
+    def _load_gumbel(self, state: dict[str, Any]) -> None:
+        """This rank's noise generator; earlier one-process files keep it under ``rng.generators.gumbel``."""
+        saved = state.get("gumbel") or {}
+        states = saved.get("states") or [state["rng"].get("generators", {}).get("gumbel")]
+        if len(states) == self.world and states[self.rank] is not None:
+            self.gumbel.set_state(states[self.rank])
+        elif self.is_main:
+            print(f"[dalle_dist] no Gumbel noise state for {self.world} rank(s) in the checkpoint: each rank's noise "
+                  "restarts from its seed", flush=True)  # fmt: skip
 
     def _load_data_state(self, data: dict[str, Any]) -> None:
         if self.sampler is not None:
