@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .decode import ImageLimits, Skip, decode_caption, decode_meta, image_bytes, open_image, to_rgb_array, too_small
 from .preprocess import (
     AUGMENTS,
@@ -40,7 +40,7 @@ from .preprocess import (
     load_filter,
     parse_filter_specs,
 )
-from .shards import Cursor, ShardReader, augment_rng, expand_shards
+from .shards import Cursor, ShardError, ShardReader, augment_rng, check_readers, expand_shards
 from .text import pad_batch
 
 log = logging.getLogger(__name__)
@@ -424,3 +424,12 @@ def token_loader(
     """Token batches ``{"text": (B, caption_len), "image": (B, grid²), "captions", "keys"}`` from token shards."""
     processor = TokenProcessor(data, tokenizer, caption_len, grid, image_vocab)
     return ShardLoader.from_config(data, processor, TokenCollate(caption_len, pad_id), dp_rank, dp_size)
+
+
+def check_shard_config(data: DataConfig, dp_size: int) -> None:
+    """Before any process group starts: ``data.shards`` expands to files that feed every reader of ``dp_size``
+    data-parallel ranks × ``data.num_workers`` loader workers; else a ``ConfigError`` that names the fix."""
+    try:
+        check_readers(len(expand_shards(data.shards)), dp_size, max(1, data.num_workers))
+    except ShardError as err:
+        raise ConfigError(f"data.shards: {err}") from None

@@ -170,6 +170,16 @@ class Cursor:
         return asdict(self)
 
 
+def check_readers(n_shards: int, dp_size: int, num_workers: int) -> None:
+    """Every reader (data-parallel rank × loader worker) needs at least one shard of its own."""
+    if n_shards < dp_size * num_workers:
+        raise ShardError(
+            f"{n_shards} shards cannot feed {dp_size} data-parallel ranks × {num_workers} loader workers "
+            f"= {dp_size * num_workers} readers: each needs at least one shard; write smaller shards "
+            f"or lower data.num_workers"
+        )
+
+
 def assign_shards(
     n_shards: int, epoch: int, seed: int, dp_rank: int = 0, dp_size: int = 1, worker_id: int = 0, num_workers: int = 1
 ) -> list[int]:
@@ -209,12 +219,7 @@ class ShardReader:
             raise ShardError("no shards to read")
         if not (0 <= dp_rank < dp_size and 0 <= worker_id < num_workers):
             raise ValueError(f"reader (dp_rank={dp_rank}/{dp_size}, worker={worker_id}/{num_workers}) out of range")
-        if len(shards) < dp_size * num_workers:
-            raise ShardError(
-                f"{len(shards)} shards cannot feed {dp_size} data-parallel ranks × {num_workers} loader workers "
-                f"= {dp_size * num_workers} readers: each needs at least one shard; write smaller shards "
-                f"or lower data.num_workers"
-            )
+        check_readers(len(shards), dp_size, num_workers)
         self.shards, self.seed, self.shuffle, self.loop = shards, seed, shuffle, loop
         self.dp_rank, self.dp_size, self.worker_id, self.num_workers = dp_rank, dp_size, worker_id, num_workers
         self.skipped = skipped if skipped is not None else Counter()

@@ -26,9 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, DVAERunConfig, to_dict
 from ..data.folder import EpochSampler, read_folder
-from ..data.pipeline import image_loader
+from ..data.pipeline import check_shard_config, image_loader
 from ..data.random_batches import random_images
-from ..data.shards import ShardError, expand_shards
 from ..files import load_checkpoint, save_checkpoint
 from ..models.dvae import DiscreteVAE, DVAEObjective
 from ..precision import AdamW32, apply_activation_checkpointing, apply_precision, decay_groups, sync_finite_flags
@@ -55,17 +54,7 @@ def check_dvae_config(cfg: DVAERunConfig, world_size: int = 1) -> None:
             f"processes; e.g. --data.batch_size {world_size * max(1, cfg.data.batch_size // world_size)}"
         )
     if cfg.data.source == "shards":
-        try:
-            n_shards = len(expand_shards(cfg.data.shards))
-        except ShardError as err:
-            raise ConfigError(f"data.shards: {err}") from None
-        readers = world_size * max(1, cfg.data.num_workers)
-        if n_shards < readers:
-            raise ConfigError(
-                f"{n_shards} shard(s) cannot feed {world_size} process(es) × {max(1, cfg.data.num_workers)} loader "
-                f"reader(s) = {readers} readers (each needs at least one shard): write smaller shards or lower "
-                "data.num_workers"
-            )
+        check_shard_config(cfg.data, world_size)
 
 
 def _sum_hook(group, bucket):  # noqa: ANN001 - DDP inspects real annotations; postponed ones (strings) fail its check

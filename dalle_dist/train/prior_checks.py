@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError, PriorRunConfig
-from ..data.shards import ShardError, expand_shards
+from ..data.pipeline import check_shard_config
 from ..parallel.pipeline import PP_RESHARD, SCHEDULES
 from ..parallel.topology import Topology
 
@@ -59,16 +59,5 @@ def _check_data(cfg: PriorRunConfig, topo: Topology) -> None:
             "the prior reads dVAE tokens, not images: run dalle-dist pretokenize --shards SHARDS --dvae "
             "runs/dvae/checkpoint.pt --out DIR, then train with --data.source tokens --data.shards DIR"
         )
-    if data.source != "tokens":
-        return
-    try:
-        n_shards = len(expand_shards(data.shards))
-    except ShardError as err:
-        raise ConfigError(f"data.shards: {err}") from None
-    readers = topo.dp_size * max(1, data.num_workers)
-    if n_shards < readers:
-        raise ConfigError(
-            f"{n_shards} token shard(s) cannot feed replicate × shard = {topo.dp_size} data-parallel ranks × "
-            f"{max(1, data.num_workers)} loader reader(s) = {readers} readers (each needs at least one shard): "
-            "pretokenize with a smaller --shard-size or lower data.num_workers"
-        )
+    if data.source == "tokens":  # the dp ranks are replicate × shard: pp stages of a replica read the same shards
+        check_shard_config(data, topo.dp_size)
