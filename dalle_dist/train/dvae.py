@@ -33,8 +33,8 @@ from ..models.dvae import DiscreteVAE, DVAEObjective
 from ..precision import AdamW32, apply_activation_checkpointing, apply_precision, decay_groups, sync_finite_flags
 from .checkpoint import rng_state, set_rng_state
 from .ema import EMA
-from .loop import fit
-from .runtime import close_distributed, init_distributed
+from .loop import LoopTrainer
+from .runtime import init_distributed
 from .schedules import DVAESchedules
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -63,29 +63,22 @@ def _sum_hook(group, bucket):  # noqa: ANN001 - DDP inspects real annotations; p
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-class DVAETrainer:
+class DVAETrainer(LoopTrainer):
     """Stage 1: Gumbel-softmax relaxation with β, τ and lr on cosine schedules [P §2.1, A.2]."""
 
     stage = "dvae"
     run_name = "dvae"
+    cfg: DVAERunConfig
 
     def __init__(self, cfg: DVAERunConfig) -> None:
         check_dvae_config(cfg)
-        self.cfg = cfg
-        self.out_dir = Path(cfg.train.out_dir)
+        super().__init__(cfg)
         self.schedules = DVAESchedules.from_config(cfg.optim)
         self.objective = DVAEObjective.from_optim(cfg.optim)  # fixed for the run: built once, not every step
-        self.step_num = 0
-        self._built = False
-        self._created_group = False
 
     @staticmethod
     def check_config(cfg: DVAERunConfig, world_size: int) -> None:
         check_dvae_config(cfg, world_size)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def build(self) -> DVAETrainer:
         cfg, prec = self.cfg, self.cfg.precision
@@ -288,9 +281,3 @@ class DVAETrainer:
             return None
         self.load(path)
         return self.step_num
-
-    def fit(self) -> list[dict[str, float]]:
-        return fit(self)
-
-    def close(self) -> None:
-        close_distributed(self._created_group)

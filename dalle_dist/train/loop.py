@@ -1,42 +1,61 @@
 """The one training loop of both stages, on one process or many: resume → step → log → save.
 
-A trainer brings ``cfg``, ``step_num``, ``out_dir``, ``is_main``, ``run_name`` and ``build()``, ``resume()``
-(loads the latest complete checkpoint when ``train.resume``; returns its step or None), ``step()`` (one update,
-its metrics) and ``save()`` (collective). Rank 0 writes ``config.json``, ``metrics.jsonl`` (and wandb) and the
-progress bar; every rank steps and saves.
+Both trainers derive from :class:`LoopTrainer`, which holds what they share (config, step count, output directory,
+rank, the process group they may have started) and brings ``fit`` and ``close``; each brings ``run_name``,
+``build()`` (which sets ``rank`` and ``_created_group``), ``resume()`` (loads the latest complete checkpoint when
+``train.resume``; returns its step or None), ``step()`` (one update, its metrics) and ``save()`` (collective).
+Rank 0 writes ``config.json``, ``metrics.jsonl`` (and wandb) and the progress bar; every rank steps and saves.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
 from ..config import to_dict
 from .metrics import MetricsLogger
+from .runtime import close_distributed
 
 
-class LoopTrainer(Protocol):
-    cfg: Any
-    step_num: int
-    out_dir: Path
-    _built: bool
+class LoopTrainer:
+    """What both stages' trainers share; ``fit()`` runs :func:`fit`, ``close()`` ends a group ``build()`` started."""
+
+    run_name = ""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.train.out_dir)
+        self.step_num = 0  # counts batches, applied or skipped
+        self.rank = 0
+        self._built = False
+        self._created_group = False
 
     @property
-    def is_main(self) -> bool: ...
+    def is_main(self) -> bool:
+        """The rank that logs and writes single files (rank 0)."""
+        return self.rank == 0
 
-    @property
-    def run_name(self) -> str: ...
+    def build(self) -> Any:
+        raise NotImplementedError
 
-    def build(self) -> Any: ...
+    def resume(self) -> int | None:
+        raise NotImplementedError
 
-    def resume(self) -> int | None: ...
+    def step(self) -> dict[str, float]:
+        raise NotImplementedError
 
-    def step(self) -> dict[str, float]: ...
+    def save(self) -> Any:
+        raise NotImplementedError
 
-    def save(self) -> Any: ...
+    def fit(self) -> list[dict[str, float]]:
+        """Build if needed, resume, train to ``train.steps``; rank 0 logs."""
+        return fit(self)
+
+    def close(self) -> None:
+        close_distributed(self._created_group)
 
 
 def fit(trainer: LoopTrainer) -> list[dict[str, float]]:

@@ -47,11 +47,11 @@ from .checkpoint import rng_state, set_rng_state
 from .dist_checkpoint import latest_checkpoint, load_distributed, save_distributed
 from .ema import EMA
 from .faults import install_faults
-from .loop import fit
+from .loop import LoopTrainer
 from .metrics import throughput
 from .prior_checks import check_prior_config
 from .prior_data import PriorData
-from .runtime import close_distributed, init_distributed
+from .runtime import init_distributed
 from .schedules import PlateauHalvingLR
 
 
@@ -59,27 +59,20 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class PriorTrainer:
+class PriorTrainer(LoopTrainer):
     """Prior training on a (pp, replicate, shard) mesh of any size. ``build()`` then ``step()``, or ``fit()``."""
 
     stage = "prior"
+    cfg: PriorRunConfig
 
     def __init__(self, cfg: PriorRunConfig) -> None:
         self.topology = check_prior_config(cfg)
-        self.cfg = cfg
-        self.out_dir = Path(cfg.train.out_dir)
+        super().__init__(cfg)
         self.schedule = PlateauHalvingLR.from_config(cfg.optim)
-        self.step_num = 0
-        self._built = False
-        self._created_group = False
 
     @staticmethod
     def check_config(cfg: PriorRunConfig, world_size: int) -> None:
         check_prior_config(cfg, world_size)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def run_name(self) -> str:
@@ -384,10 +377,3 @@ class PriorTrainer:
         if self.is_main:
             print(f"[dalle_dist] resumed from {latest} at step {self.step_num}", flush=True)
         return self.step_num
-
-    def fit(self) -> list[dict[str, float]]:
-        """Build if needed, resume, train to ``train.steps``; rank 0 logs (``loop.fit``)."""
-        return fit(self)
-
-    def close(self) -> None:
-        close_distributed(self._created_group)
